@@ -1,0 +1,73 @@
+"""Read a form body (multipart or urlencoded) within the configured size limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from .errors import MalformedBody, PayloadTooLarge
+
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_form(request: Request, max_body_bytes: int) -> dict[str, str]:
+    """The form's fields as text (first value of each; file parts are read as UTF-8)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body_bytes:
+        raise _too_large(max_body_bytes)
+    header = request.headers.get("content-type")
+    if not header:
+        raise MalformedBody("the Content-Type header is missing")
+    content_type, _ = parse_options_header(header)
+    if content_type not in FORM_TYPES:
+        raise MalformedBody(
+            f"Content-Type is {content_type.decode('latin-1')!s}, expected "
+            "multipart/form-data or application/x-www-form-urlencoded"
+        )
+    stream = _limited(request, max_body_bytes)
+    parser: MultiPartParser | FormParser
+    if content_type == b"multipart/form-data":
+        parser = MultiPartParser(
+            request.headers, stream, max_files=10, max_fields=100, max_part_size=max_body_bytes
+        )
+    else:
+        parser = FormParser(request.headers, stream, max_fields=100, max_part_size=max_body_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise MalformedBody(exc.message.rstrip(".")) from None
+    except (ValueError, LookupError) as exc:  # e.g. an unknown charset in a part header
+        raise MalformedBody(f"the form could not be parsed: {type(exc).__name__}") from None
+    fields: dict[str, str] = {}
+    try:
+        for name, value in form.multi_items():
+            if name in fields:
+                continue
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                try:
+                    fields[name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise MalformedBody(f"the file part {name!r} is not UTF-8 text") from None
+            else:
+                fields[name] = value
+    finally:
+        await form.close()
+    return fields

@@ -1,0 +1,173 @@
+"""Store one batch in its session and, when it fills the last gap, decide completion.
+
+Everything happens in the caller's single transaction with the session row locked, so
+batches of one session are applied one at a time and the completion check runs exactly
+once, whichever process receives the last batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import Connection, Row
+
+from . import store
+from .errors import AudienceError, Conflict, SessionGone
+from .parsing import BatchUpload
+from .sequencing import base_settled_by, fits_base, inconsistency
+
+Result = Literal["stored", "completed", "inconsistent", "duplicate"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a batch did; ``error`` is answered after the transaction commits."""
+
+    result: Result
+    state: str
+    error: AudienceError | None = None
+
+
+def effective_state(session: Row[Any], now: dt.datetime) -> str:
+    """The state as readers see it: an idle receiving session expires at ``expires_at``."""
+    if session.state == "receiving" and session.expires_at <= now:
+        return "expired"
+    return str(session.state)
+
+
+def _same_users(stored: Row[Any], upload: BatchUpload) -> bool:
+    if stored.digest == upload.digest:
+        return True
+    if stored.users is None or stored.user_count != upload.user_count:
+        return False
+    # Same JSON value written differently (spacing, key order): still the same batch.
+    canonical = orjson.OPT_SORT_KEYS
+    return orjson.dumps(orjson.loads(stored.users), option=canonical) == orjson.dumps(
+        upload.users, option=canonical
+    )
+
+
+def _check_matches_session(session: Row[Any], upload: BatchUpload) -> None:
+    key = upload.session_key
+    problems = []
+    if upload.name != session.name:
+        problems.append(f"name differs from the name session {key} was started with.")
+    if upload.type != session.type:
+        problems.append(f"type is {upload.type} but session {key} was started as {session.type}.")
+    for field, sent, started in (
+        ("totalBatches", upload.total_batches, session.total_batches),
+        ("totalUsers", upload.total_users, session.total_users),
+    ):
+        if sent != started:
+            problems.append(f"batch.{field} is {sent} but session {key} was started with {started}.")
+    if problems:
+        raise Conflict(*problems)
+
+
+def receive_batch(
+    conn: Connection, tenant: str, upload: BatchUpload, *, now: dt.datetime, ttl: dt.timedelta
+) -> Outcome:
+    """Apply one validated batch to its session (SPEC §2 semantics)."""
+    key = upload.session_key
+    created = store.create_session_if_absent(
+        conn,
+        {
+            "tenant": tenant,
+            "session_key": key,
+            "name": upload.name,
+            "type": upload.type,
+            "total_batches": upload.total_batches,
+            "total_users": upload.total_users,
+            "sequence_base": None,
+            "received_batches": 0,
+            "received_users": 0,
+            "state": "receiving",
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": now + ttl,
+        },
+    )
+    session = store.lock_session(conn, tenant, key)
+    assert session is not None  # created above or already there; sessions are never deleted
+    if created:
+        store.add_event(conn, tenant, key, now, "created")
+
+    state = effective_state(session, now)
+    if state == "aborted":
+        raise SessionGone(f"session {key} was aborted; start a new session to upload again.")
+    if state == "expired":
+        raise SessionGone(
+            f"session {key} expired at {session.expires_at.isoformat()} after no batch arrived "
+            "for the session TTL; start a new session to upload again."
+        )
+    _check_matches_session(session, upload)
+    if state == "inconsistent":
+        raise Conflict(f"session {key} is inconsistent: {session.reason}.")
+
+    total_batches = session.total_batches
+    base = session.sequence_base
+    if not fits_base(upload.sequence, base, total_batches):
+        assert base is not None
+        raise Conflict(
+            f"batch.sequence {upload.sequence} is outside session {key}, which numbers its "
+            f"batches from {base} ({base}..{base + total_batches - 1})."
+        )
+
+    stored = store.find_batch(conn, tenant, key, upload.sequence)
+    if stored is not None:
+        if _same_users(stored, upload):
+            return Outcome("duplicate", state)
+        raise Conflict(
+            f"batch.sequence {upload.sequence} of session {key} was already received with "
+            "different users."
+        )
+
+    received_users = session.received_users + upload.user_count
+    if received_users > session.total_users:
+        raise Conflict(
+            f"this batch's {upload.user_count} users would bring session {key} to "
+            f"{received_users} users, above totalUsers ({session.total_users})."
+        )
+
+    store.insert_batch(
+        conn,
+        tenant=tenant,
+        session_key=key,
+        sequence=upload.sequence,
+        user_count=upload.user_count,
+        digest=upload.digest,
+        meta=orjson.dumps(upload.batch).decode(),
+        users=upload.users_json,
+        received_at=now,
+    )
+    received_batches = session.received_batches + 1
+    values: dict[str, Any] = {
+        "received_batches": received_batches,
+        "received_users": received_users,
+        "updated_at": now,
+        "expires_at": now + ttl,
+    }
+    if base is None:
+        values["sequence_base"] = base_settled_by(upload.sequence, total_batches)
+
+    outcome = Outcome("stored", "receiving")
+    if received_batches == total_batches:
+        # Count again from the batches themselves, not the running total: this is the proof.
+        counted = store.sum_users(conn, tenant, key)
+        reason = inconsistency(session.total_users, counted, total_batches)
+        values["completed_at"] = now
+        if reason is None:
+            values.update(state="complete", sync=upload.sync, disable_prefix=upload.disable_prefix)
+            store.add_event(conn, tenant, key, now, "complete")
+            outcome = Outcome("completed", "complete")
+        else:
+            values.update(state="inconsistent", reason=reason)
+            store.add_event(conn, tenant, key, now, "inconsistent", reason)
+            outcome = Outcome(
+                "inconsistent", "inconsistent", Conflict(f"session {key} is inconsistent: {reason}.")
+            )
+    store.update_session(conn, tenant, key, **values)
+    return outcome

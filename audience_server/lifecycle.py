@@ -1,0 +1,51 @@
+"""Ending sessions: operator abort and idle expiry, both of which purge stored users."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Connection, Row
+
+from . import store
+from .errors import NotFound
+
+# States whose users are already gone or were delivered: abort changes nothing but purges.
+_KEEPS_STATE = frozenset({"delivered", "expired", "aborted"})
+
+
+def abort_session(conn: Connection, tenant: str, key: str, now: dt.datetime) -> Row[Any]:
+    """Purge a session's users; it becomes ``aborted`` unless it had already ended well or
+    expired. Returns the session as it now stands."""
+    session = store.lock_session(conn, tenant, key)
+    if session is None:
+        raise NotFound(f"session {key} does not exist.")
+    store.purge_users(conn, tenant, key)
+    values: dict[str, Any] = {"purged_at": now}
+    if session.state == "receiving" and session.expires_at <= now:
+        values.update(state="expired", reason="no batch arrived within the session TTL")
+        store.add_event(conn, tenant, key, now, "expired")
+    elif session.state not in _KEEPS_STATE:
+        values.update(state="aborted", reason="aborted by an operator", updated_at=now)
+        store.add_event(conn, tenant, key, now, "aborted")
+    store.update_session(conn, tenant, key, **values)
+    session = store.get_session(conn, tenant, key)
+    assert session is not None
+    return session
+
+
+def expire_overdue(conn: Connection, now: dt.datetime, limit: int = 100) -> int:
+    """Mark up to ``limit`` overdue receiving sessions expired and purge their users."""
+    overdue = store.lock_overdue_sessions(conn, now, limit)
+    for row in overdue:
+        store.purge_users(conn, row.tenant, row.session_key)
+        store.update_session(
+            conn,
+            row.tenant,
+            row.session_key,
+            state="expired",
+            reason="no batch arrived within the session TTL",
+            purged_at=now,
+        )
+        store.add_event(conn, row.tenant, row.session_key, now, "expired")
+    return len(overdue)

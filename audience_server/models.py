@@ -1,0 +1,113 @@
+"""The schema, as SQLAlchemy tables. Alembic migrations are the authority; a test keeps
+these in step with them. Every table leads with (tenant, session_key) so it can be
+distributed by session."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in Python whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("session_key", String(128), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("total_batches", Integer, nullable=False),
+    Column("total_users", BigInteger, nullable=False),
+    Column("sequence_base", SmallInteger, nullable=True),
+    Column("received_batches", Integer, nullable=False),
+    Column("received_users", BigInteger, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("reason", Text, nullable=True),
+    # The flags of the batch that completed the session; delivery reads them.
+    Column("sync", Boolean, nullable=True),
+    Column("disable_prefix", Boolean, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("purged_at", UTCDateTime, nullable=True),
+    Index("ix_sessions_tenant_updated", "tenant", "updated_at", "session_key"),
+    Index("ix_sessions_state_expires", "state", "expires_at"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("session_key", String(128), primary_key=True),
+    Column("sequence", Integer, primary_key=True),
+    Column("user_count", Integer, nullable=False),
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("meta", Text, nullable=False),  # the batch object as sent, JSON
+    Column("users", LargeBinary, nullable=True),  # the users field as sent; NULL once purged
+    Column("received_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(
+        ["tenant", "session_key"], ["sessions.tenant", "sessions.session_key"]
+    ),
+)
+
+events = Table(
+    "session_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("session_key", String(128), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("detail", Text, nullable=True),
+    Index("ix_session_events_session", "tenant", "session_key", "id"),
+)

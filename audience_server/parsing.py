@@ -1,0 +1,210 @@
+"""Turn the fields of a ``POST /audience`` form into a validated :class:`BatchUpload`.
+
+Pure logic: no HTTP, no database. Errors are raised in the order SPEC §2 gives
+(413 users per batch, corrupted payload, empty users, then every field error at once).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from .errors import CorruptedPayload, EmptyUsers, InvalidField, PayloadTooLarge
+
+SegmentType = Literal["custom", "primary"]
+
+STRING_FIELDS = ("edgeTagId", "externalId", "email", "firstName", "lastName", "country", "postalCode")
+MAX_NAME_LENGTH = 200
+MAX_REPORTED_USER_ERRORS = 10
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_PULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The per-batch limits a parse enforces."""
+
+    max_batch_users: int = 100_000
+    max_total_batches: int = 100_000
+
+
+@dataclass(frozen=True)
+class BatchUpload:
+    """One validated batch, ready to be stored."""
+
+    name: str
+    type: SegmentType
+    session_key: str
+    sequence: int
+    total_batches: int
+    total_users: int
+    batch: dict[str, Any]  # the batch object as sent, unknown keys included
+    users: list[Any]
+    users_json: bytes  # the users field exactly as received
+    digest: bytes  # sha256 of users_json
+    sync: bool
+    disable_prefix: bool
+
+    @property
+    def user_count(self) -> int:
+        return len(self.users)
+
+
+def session_key(value: object) -> str | None:
+    """The key of a ``sessionId`` (its string form), or None if it is not a valid id."""
+    if type(value) is int:
+        return str(value) if value >= 0 else None
+    if type(value) is str and _SESSION_ID.fullmatch(value):
+        return value
+    return None
+
+
+def parse_flag(name: str, raw: str | None, errors: list[str]) -> bool:
+    if raw is None:
+        return False
+    value = _FLAG_VALUES.get(raw.strip().lower())
+    if value is None:
+        errors.append(f"query parameter {name} must be true, false, 1 or 0.")
+        return False
+    return value
+
+
+def _load_json(field: str, raw: str | None) -> Any:
+    if raw is None:
+        raise CorruptedPayload(f"Field {field} is missing.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptedPayload(f"Field {field} is not valid JSON ({exc}).") from None
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is not an integer here
+
+
+def check_users(users: list[Any], errors: list[str]) -> None:
+    """Type-check every user; values are not judged for format (providers do that)."""
+    found = 0
+    for index, user in enumerate(users):
+        if type(user) is not dict:
+            problems = [f"users[{index}] must be a JSON object."]
+        else:
+            problems = []
+            for key in STRING_FIELDS:
+                value = user.get(key)
+                if value is not None and type(value) is not str:
+                    problems.append(f"users[{index}].{key} must be a string.")
+            phone = user.get("phone")
+            if phone is not None and type(phone) is not str and type(phone) is not int:
+                problems.append(f"users[{index}].phone must be a string or an integer.")
+            if not problems:
+                continue
+        for problem in problems:
+            found += 1
+            if found <= MAX_REPORTED_USER_ERRORS:
+                errors.append(problem)
+    if found > MAX_REPORTED_USER_ERRORS:
+        errors.append(f"users has {found - MAX_REPORTED_USER_ERRORS} more invalid fields.")
+
+
+def _check_batch(batch: dict[str, Any], limits: Limits, errors: list[str]) -> None:
+    key = session_key(batch.get("sessionId"))
+    if key is None:
+        errors.append(
+            "batch.sessionId must be an integer >= 0 or a string of 1-128 characters "
+            "from A-Z, a-z, 0-9 and . _ : -."
+        )
+    total_batches, total_users = batch.get("totalBatches"), batch.get("totalUsers")
+    totals_ok = True
+    for field, value in (("totalBatches", total_batches), ("totalUsers", total_users)):
+        if not _is_int(value) or value < 1:
+            errors.append(f"batch.{field} must be an integer >= 1.")
+            totals_ok = False
+    if totals_ok:
+        if total_batches > limits.max_total_batches:
+            errors.append(
+                f"batch.totalBatches must be at most {limits.max_total_batches}; "
+                "send larger batches."
+            )
+        if total_batches > total_users:
+            errors.append(
+                f"batch.totalBatches ({total_batches}) cannot exceed batch.totalUsers "
+                f"({total_users}): every batch holds at least one user."
+            )
+    sequence = batch.get("sequence")
+    if not _is_int(sequence):
+        errors.append("batch.sequence must be an integer.")
+    elif totals_ok and not 0 <= sequence <= total_batches:
+        errors.append(
+            f"batch.sequence must be between 0 and totalBatches ({total_batches}); "
+            f"got {sequence}."
+        )
+    pull_date = batch.get("pullDate")
+    if pull_date is not None:
+        valid = type(pull_date) is str and _PULL_DATE.fullmatch(pull_date)
+        if valid:
+            try:
+                dt.date.fromisoformat(pull_date)
+            except ValueError:
+                valid = False
+        if not valid:
+            errors.append("batch.pullDate must be a date written YYYY-MM-DD.")
+
+
+def parse_upload(
+    fields: Mapping[str, str], query: Mapping[str, str], limits: Limits
+) -> BatchUpload:
+    """Validate one form; raise the first error class that applies, with all its messages."""
+    raw_users = fields.get("users")
+    users = _load_json("users", raw_users)
+    if type(users) is list and len(users) > limits.max_batch_users:
+        raise PayloadTooLarge(
+            f"users has {len(users)} entries; the limit is {limits.max_batch_users} per batch."
+        )
+    batch = _load_json("batch", fields.get("batch"))
+    if type(batch) is not dict:
+        raise CorruptedPayload("Field batch must be a JSON object.")
+    if type(users) is not list:
+        raise CorruptedPayload("Field users must be a JSON array.")
+    if not users:
+        raise EmptyUsers()
+
+    errors: list[str] = []
+    name = (fields.get("name") or "").strip()
+    if not name:
+        errors.append("name is required and must not be blank.")
+    elif len(name) > MAX_NAME_LENGTH:
+        errors.append(f"name must be at most {MAX_NAME_LENGTH} characters.")
+    segment_type = (fields.get("type") or "custom").strip()
+    if segment_type not in ("custom", "primary"):
+        errors.append("type must be custom or primary.")
+    _check_batch(batch, limits, errors)
+    sync = parse_flag("sync", query.get("sync"), errors)
+    disable_prefix = parse_flag("disablePrefix", query.get("disablePrefix"), errors)
+    check_users(users, errors)
+    if errors:
+        raise InvalidField(*errors)
+
+    assert raw_users is not None
+    users_json = raw_users.encode()
+    return BatchUpload(
+        name=name,
+        type=segment_type,  # type: ignore[arg-type]
+        session_key=session_key(batch["sessionId"]),  # type: ignore[arg-type]
+        sequence=batch["sequence"],
+        total_batches=batch["totalBatches"],
+        total_users=batch["totalUsers"],
+        batch=batch,
+        users=users,
+        users_json=users_json,
+        digest=hashlib.sha256(users_json).digest(),
+        sync=sync,
+        disable_prefix=disable_prefix,
+    )

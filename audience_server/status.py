@@ -1,0 +1,81 @@
+"""How sessions look to operators: the camelCase bodies of the status endpoints."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from typing import Any
+
+import orjson
+from sqlalchemy import Row
+
+from .errors import InvalidField
+from .ingest import effective_state
+from .sequencing import missing_sequences
+
+STATES = (
+    "receiving",
+    "complete",
+    "delivering",
+    "delivered",
+    "partially_delivered",
+    "failed",
+    "inconsistent",
+    "expired",
+    "aborted",
+)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def session_view(
+    session: Row[Any], now: dt.datetime, sequences: list[int] | None = None
+) -> dict[str, Any]:
+    """A session as SPEC §4 shows it; ``missingSequences`` only when ``sequences`` is given."""
+    state = effective_state(session, now)
+    reason = session.reason
+    if state == "expired" and session.state == "receiving":
+        reason = "no batch arrived within the session TTL"
+    view: dict[str, Any] = {
+        "sessionId": session.session_key,
+        "name": session.name,
+        "type": session.type,
+        "state": state,
+        "reason": reason,
+        "totalBatches": session.total_batches,
+        "totalUsers": session.total_users,
+        "receivedBatches": session.received_batches,
+        "receivedUsers": session.received_users,
+    }
+    if sequences is not None:
+        view["missingSequences"] = missing_sequences(
+            session.sequence_base, session.total_batches, sequences
+        )
+    view.update(
+        sequenceBase=session.sequence_base,
+        createdAt=_iso(session.created_at),
+        updatedAt=_iso(session.updated_at),
+        expiresAt=_iso(session.expires_at) if state == "receiving" else None,
+        deliveries=[],
+    )
+    return view
+
+
+def encode_cursor(session: Row[Any]) -> str:
+    raw = orjson.dumps([session.updated_at.isoformat(), session.session_key])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        updated_at, key = orjson.loads(raw)
+        when = dt.datetime.fromisoformat(updated_at)
+        if when.tzinfo is None or not isinstance(key, str):
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise InvalidField("cursor is not one this server issued.") from None
+    return when, key

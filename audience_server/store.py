@@ -1,0 +1,147 @@
+"""Data functions over sessions, batches and events. They take a connection and never
+commit: the caller's transaction decides."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .models import batches, events, sessions
+
+
+def _session_key(tenant: str, key: str) -> Any:
+    return and_(sessions.c.tenant == tenant, sessions.c.session_key == key)
+
+
+def _batches_of(tenant: str, key: str) -> Any:
+    return and_(batches.c.tenant == tenant, batches.c.session_key == key)
+
+
+def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
+    """Insert the session unless one with its key exists; True if this call created it."""
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = dialect_insert(sessions).values(values).on_conflict_do_nothing(
+        index_elements=["tenant", "session_key"]
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def lock_session(conn: Connection, tenant: str, key: str) -> Row[Any] | None:
+    """The session row, locked until the transaction ends (SQLite: the writer lock does it)."""
+    stmt = select(sessions).where(_session_key(tenant, key)).with_for_update()
+    return conn.execute(stmt).first()
+
+
+def get_session(conn: Connection, tenant: str, key: str) -> Row[Any] | None:
+    return conn.execute(select(sessions).where(_session_key(tenant, key))).first()
+
+
+def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> None:
+    conn.execute(update(sessions).where(_session_key(tenant, key)).values(**values))
+
+
+def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> Row[Any] | None:
+    stmt = select(batches.c.user_count, batches.c.digest, batches.c.users).where(
+        _batches_of(tenant, key), batches.c.sequence == sequence
+    )
+    return conn.execute(stmt).first()
+
+
+def insert_batch(conn: Connection, **values: Any) -> None:
+    conn.execute(batches.insert().values(**values))
+
+
+def sum_users(conn: Connection, tenant: str, key: str) -> int:
+    stmt = select(func.coalesce(func.sum(batches.c.user_count), 0)).where(
+        _batches_of(tenant, key)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def received_sequences(conn: Connection, tenant: str, key: str) -> list[int]:
+    stmt = select(batches.c.sequence).where(_batches_of(tenant, key)).order_by(batches.c.sequence)
+    return list(conn.execute(stmt).scalars())
+
+
+def purge_users(conn: Connection, tenant: str, key: str) -> None:
+    """Forget the users of every batch; digests and counts stay for idempotency and history."""
+    conn.execute(
+        update(batches).where(_batches_of(tenant, key), batches.c.users.is_not(None)).values(
+            users=None
+        )
+    )
+
+
+def add_event(
+    conn: Connection, tenant: str, key: str, at: dt.datetime, kind: str, detail: str | None = None
+) -> None:
+    conn.execute(
+        events.insert().values(tenant=tenant, session_key=key, at=at, kind=kind, detail=detail)
+    )
+
+
+def session_events(conn: Connection, tenant: str, key: str) -> Sequence[Row[Any]]:
+    stmt = (
+        select(events.c.at, events.c.kind, events.c.detail)
+        .where(events.c.tenant == tenant, events.c.session_key == key)
+        .order_by(events.c.id)
+    )
+    return conn.execute(stmt).all()
+
+
+def state_filter(state: str, now: dt.datetime) -> Any:
+    """Sessions whose state, as a reader sees it at ``now``, is ``state``.
+
+    A receiving session past its ``expires_at`` reads as expired before the sweeper marks it.
+    """
+    overdue = and_(sessions.c.state == "receiving", sessions.c.expires_at <= now)
+    if state == "expired":
+        return or_(sessions.c.state == "expired", overdue)
+    if state == "receiving":
+        return and_(sessions.c.state == "receiving", sessions.c.expires_at > now)
+    return sessions.c.state == state
+
+
+def list_sessions(
+    conn: Connection,
+    tenant: str,
+    *,
+    now: dt.datetime,
+    limit: int,
+    state: str | None = None,
+    name: str | None = None,
+    after: tuple[dt.datetime, str] | None = None,
+) -> Sequence[Row[Any]]:
+    """Newest activity first; ``after`` is the (updated_at, key) of the last row already seen."""
+    stmt = select(sessions).where(sessions.c.tenant == tenant)
+    if state is not None:
+        stmt = stmt.where(state_filter(state, now))
+    if name:
+        escaped = name.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(func.lower(sessions.c.name).like(f"%{escaped}%", escape="\\"))
+    if after is not None:
+        updated_at, key = after
+        stmt = stmt.where(
+            or_(
+                sessions.c.updated_at < updated_at,
+                and_(sessions.c.updated_at == updated_at, sessions.c.session_key < key),
+            )
+        )
+    stmt = stmt.order_by(sessions.c.updated_at.desc(), sessions.c.session_key.desc()).limit(limit)
+    return conn.execute(stmt).all()
+
+
+def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> Sequence[Row[Any]]:
+    """Receiving sessions past their expiry, locked; other sweepers skip them."""
+    stmt = (
+        select(sessions.c.tenant, sessions.c.session_key, sessions.c.expires_at)
+        .where(sessions.c.state == "receiving", sessions.c.expires_at <= now)
+        .order_by(sessions.c.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return conn.execute(stmt).all()
