@@ -18,13 +18,21 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            raise _too_large(limit)
-        yield chunk
+class _LimitedBody:
+    """The request body as a stream, refused past ``limit`` bytes; keeps its last bytes so
+    a truncated multipart body (no closing delimiter) can be told apart."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self.request, self.limit, self.tail = request, limit, b""
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.request.stream():
+            seen += len(chunk)
+            if seen > self.limit:
+                raise _too_large(self.limit)
+            self.tail = (self.tail + chunk)[-1024:]
+            yield chunk
 
 
 async def read_form(request: Request, max_body_bytes: int) -> dict[str, str]:
@@ -41,20 +49,28 @@ async def read_form(request: Request, max_body_bytes: int) -> dict[str, str]:
             f"Content-Type is {content_type.decode('latin-1')!s}, expected "
             "multipart/form-data or application/x-www-form-urlencoded"
         )
-    stream = _limited(request, max_body_bytes)
+    body = _LimitedBody(request, max_body_bytes)
+    multipart = content_type == b"multipart/form-data"
     parser: MultiPartParser | FormParser
-    if content_type == b"multipart/form-data":
+    if multipart:
         parser = MultiPartParser(
-            request.headers, stream, max_files=10, max_fields=100, max_part_size=max_body_bytes
+            request.headers, body.stream(), max_files=10, max_fields=100, max_part_size=max_body_bytes
         )
     else:
-        parser = FormParser(request.headers, stream, max_fields=100, max_part_size=max_body_bytes)
+        parser = FormParser(
+            request.headers, body.stream(), max_fields=100, max_part_size=max_body_bytes
+        )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise MalformedBody(exc.message.rstrip(".")) from None
     except (ValueError, LookupError) as exc:  # e.g. an unknown charset in a part header
         raise MalformedBody(f"the form could not be parsed: {type(exc).__name__}") from None
+    if multipart:
+        boundary = parse_options_header(header)[1].get(b"boundary", b"")
+        if b"--" + boundary + b"--" not in body.tail:
+            await form.close()
+            raise MalformedBody("the multipart body ends before its closing boundary")
     fields: dict[str, str] = {}
     try:
         for name, value in form.multi_items():

@@ -24,10 +24,13 @@ def _batches_of(tenant: str, key: str) -> Any:
 def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
     """Insert the session unless one with its key exists; True if this call created it."""
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(sessions).values(values).on_conflict_do_nothing(
-        index_elements=["tenant", "session_key"]
+    stmt = (
+        dialect_insert(sessions)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["tenant", "session_key"])
+        .returning(sessions.c.session_key)
     )
-    return conn.execute(stmt).rowcount == 1
+    return conn.execute(stmt).first() is not None
 
 
 def lock_session(conn: Connection, tenant: str, key: str) -> Row[Any] | None:

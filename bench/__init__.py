@@ -1,0 +1,1 @@
+"""Benchmarks for SPEC §7, run as ``python -m bench.<name>`` from the repository root."""

@@ -1,0 +1,627 @@
+"""Ingest benchmark (SPEC §7 "Ingest" and "Completion"): the real server against a floor.
+
+Every target runs as its own process on a loopback port: the floor server (parses the same
+multipart body and JSON, stores nothing), the real server on SQLite and, when a PostgreSQL
+URL is given, the real server on a fresh PostgreSQL database. Each round uploads the whole
+segment as a new session; rounds alternate between targets so machine noise falls on all.
+
+Per round, all batches but two are sent in random order at the given concurrency (this
+part's wall time gives users/s), then one intermediate batch alone, then the completing
+batch alone, so the completing batch is compared with an intermediate batch sent the same
+way (an intermediate batch sent at concurrency N also waits for N - 1 others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HOST = "127.0.0.1"
+BOUNDARY = "audience-bench-" + "5f3c9e21d7a84b06"
+SEGMENT_NAME = "bench segment"
+# SPEC §7: minimum users/s relative to the floor, and the completing batch's latency limit.
+INGEST_TARGETS = {"sqlite": 0.8, "postgresql": 0.7}
+COMPLETION_LIMIT = 1.5
+STARTUP_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 300.0
+
+_FIRST = ["Ana", "Ben", "Chloé", "Dmitri", "Emeka", "Fatima", "Giulia", "Hiro", "Ines", "Jonas"]
+_LAST = ["Okafor", "Schmidt", "García", "Tanaka", "Novak", "Silva", "Kowalski", "Nguyen"]
+_COUNTRIES = ["US", "DE", "FR", "GB", "JP", "BR", "NG", "PL", "IT", "ES"]
+
+
+class BenchError(RuntimeError):
+    """A target did not start, or answered a batch with something other than success."""
+
+
+# --- the segment ---------------------------------------------------------------------
+
+
+def make_users(count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` plausible users of about 200 bytes of JSON each, the same for every seed."""
+    rng = random.Random(seed)
+    users = []
+    for i in range(count):
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        users.append(
+            {
+                "edgeTagId": f"{rng.getrandbits(96):024x}",
+                "email": f"{first.lower()}.{last.lower()}{i}@example.com",
+                "phone": f"+1{rng.randrange(2_000_000_000, 9_999_999_999)}",
+                "firstName": first,
+                "lastName": last,
+                "country": rng.choice(_COUNTRIES),
+                "postalCode": f"{rng.randrange(10_000, 99_999)}",
+                "purchase": [
+                    {
+                        "sku": f"SKU-{rng.randrange(1000, 9999)}",
+                        "value": rng.randrange(500, 20_000) / 100,
+                    }
+                ],
+            }
+        )
+    return users
+
+
+def _field(name: str, value: bytes) -> bytes:
+    header = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+    return header.encode() + value + b"\r\n"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The segment's batches, pre-encoded once: only the small ``batch`` part varies."""
+
+    total_users: int
+    user_counts: list[int]  # index i holds sequence i + 1
+    head: bytes  # the name and type parts
+    users_parts: list[bytes]  # the users part and the closing boundary, per batch
+
+    @property
+    def total_batches(self) -> int:
+        return len(self.user_counts)
+
+    @property
+    def encoded_bytes(self) -> int:
+        return sum(len(self.head) + len(part) for part in self.users_parts)
+
+    def body(self, session_id: str, sequence: int) -> bytes:
+        """The multipart body of one batch of session ``session_id`` (sequences from 1)."""
+        batch = {
+            "sessionId": session_id,
+            "sequence": sequence,
+            "totalBatches": self.total_batches,
+            "totalUsers": self.total_users,
+        }
+        return self.head + _field("batch", orjson.dumps(batch)) + self.users_parts[sequence - 1]
+
+
+def build_segment(total_users: int, batch_size: int, seed: int = 7) -> Segment:
+    users = make_users(total_users, seed)
+    chunks = [users[i : i + batch_size] for i in range(0, total_users, batch_size)]
+    closing = f"--{BOUNDARY}--\r\n".encode()
+    return Segment(
+        total_users=total_users,
+        user_counts=[len(chunk) for chunk in chunks],
+        head=_field("name", SEGMENT_NAME.encode()) + _field("type", b"custom"),
+        users_parts=[_field("users", orjson.dumps(chunk)) + closing for chunk in chunks],
+    )
+
+
+# --- the targets -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to measure: how to start it, and which SPEC ratio applies to it."""
+
+    name: str
+    kind: str  # "floor", "sqlite" or "postgresql"
+    command: list[str]
+    env: dict[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def audience_server_command() -> list[str]:
+    script = Path(sys.executable).with_name("audience-server")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "audience_server"]
+
+
+def server_env(database_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_")}
+    env["AUDIENCE_LOG_LEVEL"] = "WARNING"  # a log line per batch would be part of the cost
+    if database_url is not None:
+        env["AUDIENCE_DATABASE_URL"] = database_url
+    return env
+
+
+def _get(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Server:
+    """A running target process and the port it answers on."""
+
+    target: Target
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@contextlib.contextmanager
+def running(target: Target, workdir: Path) -> Iterator[Server]:
+    """Start ``target`` on a free port, wait for ``/healthz``, and always stop it."""
+    port = free_port()
+    log_path = workdir / f"{target.name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*target.command, "--host", HOST, "--port", str(port)],
+            cwd=ROOT,
+            env=target.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches only us; we stop it ourselves
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise BenchError(
+                    f"{target.name} exited with {process.returncode}:\n{_tail(log_path)}"
+                )
+            with contextlib.suppress(OSError):
+                if _get(port, "/healthz") == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError(f"{target.name} did not answer /healthz:\n{_tail(log_path)}")
+            time.sleep(0.1)
+        yield Server(target, port, process, log_path)
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT (uvicorn's graceful stop), then SIGTERM, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait_s)
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str, workdir: Path) -> Iterator[str]:
+    """A new database on ``admin_url``'s server, migrated to head, dropped at the end."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    server = make_url(admin_url).set(drivername="postgresql")
+    name = f"audience_bench_{os.getpid()}"
+    conninfo = server.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = server.set(database=name).render_as_string(hide_password=False)
+        result = subprocess.run(
+            [*audience_server_command(), "migrate"],
+            cwd=workdir,
+            env=server_env(url),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise BenchError(f"migrate failed:\n{result.stdout}{result.stderr}")
+        yield url
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+# --- one round -------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """One upload of the whole segment to one target."""
+
+    target: str
+    index: int
+    warmup: bool
+    concurrent_users: int
+    concurrent_wall_s: float
+    latencies_ms: list[float]  # the batches sent concurrently
+    lone_intermediate_ms: float
+    completing_ms: float
+
+    @property
+    def users_per_s(self) -> float:
+        return self.concurrent_users / self.concurrent_wall_s
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes, what: str) -> float:
+    """Send one batch; its latency in ms. Anything but 200 ``{"success": true}`` fails."""
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "Content-Length": str(len(body)),
+    }
+    start = time.perf_counter()
+    conn.request("POST", "/audience", body=body, headers=headers)
+    response = conn.getresponse()
+    answer = response.read()
+    elapsed = (time.perf_counter() - start) * 1000
+    try:
+        ok = response.status == 200 and orjson.loads(answer) == {"success": True}
+    except orjson.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise BenchError(f"{what}: HTTP {response.status}: {answer[:500]!r}")
+    return elapsed
+
+
+def _drain(
+    conn: http.client.HTTPConnection, queue: deque[int], bodies: dict[int, bytes], what: str
+) -> list[float]:
+    latencies: list[float] = []
+    while True:
+        try:
+            sequence = queue.popleft()  # atomic: workers share the queue without a lock
+        except IndexError:
+            return latencies
+        latencies.append(_post(conn, bodies[sequence], f"{what} sequence {sequence}"))
+
+
+def run_round(
+    server: Server,
+    segment: Segment,
+    order: Sequence[int],
+    index: int,
+    warmup: bool,
+    pool: ThreadPoolExecutor,
+    conns: Sequence[http.client.HTTPConnection],
+) -> Round:
+    """Upload the segment as a new session in ``order``; the last two go alone."""
+    session_id = f"bench-{server.target.name}-{index}-{uuid.uuid4().hex[:12]}"
+    bodies = {sequence: segment.body(session_id, sequence) for sequence in order}
+    *concurrent, lone, completing = order
+    what = f"{server.target.name} round {index}"
+    queue = deque(concurrent)
+    start = time.perf_counter()
+    futures = [pool.submit(_drain, conn, queue, bodies, what) for conn in conns]
+    try:
+        latencies = [latency for future in futures for latency in future.result()]
+    except BaseException:
+        queue.clear()  # the other workers stop after their current batch
+        raise
+    wall = time.perf_counter() - start
+    lone_ms = _post(conns[0], bodies[lone], f"{what} sequence {lone} (alone)")
+    completing_ms = _post(
+        conns[0], bodies[completing], f"{what} sequence {completing} (completing)"
+    )
+    return Round(
+        target=server.target.name,
+        index=index,
+        warmup=warmup,
+        concurrent_users=sum(segment.user_counts[s - 1] for s in concurrent),
+        concurrent_wall_s=wall,
+        latencies_ms=latencies,
+        lone_intermediate_ms=lone_ms,
+        completing_ms=completing_ms,
+    )
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class Summary:
+    """One target's counted rounds, reduced to the numbers SPEC §7 compares."""
+
+    target: str
+    kind: str
+    rounds: int
+    median_users_per_s: float
+    p50_ms: float
+    p99_ms: float
+    ratio_to_floor: float | None = None
+    ingest_target: float | None = None
+    ingest_pass: bool | None = None
+    completing_ms: float | None = None
+    lone_intermediate_ms: float | None = None
+    completion_ratio: float | None = None  # completing / lone intermediate
+    completion_ratio_vs_concurrent_p50: float | None = None
+    completion_pass: bool | None = None
+    users_per_s_by_round: list[float] = field(default_factory=list)
+
+
+def summarize(target: Target, rounds: Sequence[Round], floor: Summary | None) -> Summary:
+    counted = [r for r in rounds if not r.warmup]
+    latencies = [ms for r in counted for ms in r.latencies_ms]
+    summary = Summary(
+        target=target.name,
+        kind=target.kind,
+        rounds=len(counted),
+        median_users_per_s=statistics.median(r.users_per_s for r in counted),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        users_per_s_by_round=[round(r.users_per_s) for r in counted],
+    )
+    if target.kind == "floor":
+        return summary
+    if floor is not None:
+        summary.ratio_to_floor = summary.median_users_per_s / floor.median_users_per_s
+        summary.ingest_target = INGEST_TARGETS[target.kind]
+        summary.ingest_pass = summary.ratio_to_floor >= summary.ingest_target
+    summary.completing_ms = statistics.median(r.completing_ms for r in counted)
+    summary.lone_intermediate_ms = statistics.median(r.lone_intermediate_ms for r in counted)
+    summary.completion_ratio = summary.completing_ms / summary.lone_intermediate_ms
+    summary.completion_ratio_vs_concurrent_p50 = summary.completing_ms / summary.p50_ms
+    summary.completion_pass = summary.completion_ratio <= COMPLETION_LIMIT
+    return summary
+
+
+def _verdict(passed: bool | None) -> str:
+    return "" if passed is None else ("PASS" if passed else "MISS")
+
+
+def format_table(summaries: Sequence[Summary]) -> str:
+    """The results as a fixed-width table, with SPEC §7's targets next to the ratios."""
+    header = (
+        f"{'target':<11}{'users/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'x floor':>9}{'goal':>7}{'':>6}"
+        f"{'last ms':>9}{'alone ms':>10}{'last÷alone':>11}{'goal':>7}{'':>6}{'last÷p50':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        row = f"{s.target:<11}{s.median_users_per_s:>10,.0f}{s.p50_ms:>9.1f}{s.p99_ms:>9.1f}"
+        if s.ratio_to_floor is not None and s.ingest_target is not None:
+            row += (
+                f"{s.ratio_to_floor:>8.2f}x{'≥' + format(s.ingest_target, '.1f'):>7}"
+                f"{_verdict(s.ingest_pass):>6}"
+            )
+        else:
+            row += f"{'':>22}"
+        if s.completion_ratio is not None:
+            assert s.completing_ms is not None and s.lone_intermediate_ms is not None
+            assert s.completion_ratio_vs_concurrent_p50 is not None
+            row += (
+                f"{s.completing_ms:>9.1f}{s.lone_intermediate_ms:>10.1f}"
+                f"{s.completion_ratio:>10.2f}x{'≤' + format(COMPLETION_LIMIT, '.1f'):>7}"
+                f"{_verdict(s.completion_pass):>6}{s.completion_ratio_vs_concurrent_p50:>9.2f}x"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "audience_server"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}{'+dirty' if dirty else ''}"
+
+
+def write_results(
+    args: argparse.Namespace,
+    segment: Segment,
+    summaries: Sequence[Summary],
+    rounds: Sequence[Round],
+) -> Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"ingest-{stamp}.json"
+    document = {
+        "benchmark": "ingest",
+        "at": stamp,
+        "revision": _git_revision(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "config": {
+            "rounds": args.rounds,
+            "warmup_rounds": 1,
+            "users": args.users,
+            "batch_size": args.batch_size,
+            "batches": segment.total_batches,
+            "concurrency": args.concurrency,
+            "encoded_mb": round(segment.encoded_bytes / 1e6, 1),
+            "throughput": "users of the batches sent concurrently / their wall time; "
+            "the lone intermediate and the completing batch are excluded",
+            "completion_ratio": "completing batch / an intermediate batch also sent alone, "
+            "medians over rounds",
+        },
+        "summary": [asdict(s) for s in summaries],
+        "rounds": [{**asdict(r), "users_per_s": r.users_per_s} for r in rounds],
+    }
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    return path
+
+
+# --- the command -----------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5, help="counted rounds per target")
+    parser.add_argument("--users", type=int, default=200_000, help="users in the segment")
+    parser.add_argument("--batch-size", type=int, default=10_000, help="users per batch")
+    parser.add_argument("--concurrency", type=int, default=4, help="batches in flight")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("AUDIENCE_BENCH_POSTGRES_URL")
+        or os.environ.get("AUDIENCE_TEST_POSTGRES_URL"),
+        help="a PostgreSQL server to create a scratch database on "
+        "(default: AUDIENCE_BENCH_POSTGRES_URL or AUDIENCE_TEST_POSTGRES_URL; none: skip)",
+    )
+    parser.add_argument("--seed", type=int, default=7, help="seed of the users and batch order")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.concurrency < 1 or args.batch_size < 1:
+        parser.error("--rounds, --concurrency and --batch-size must be at least 1")
+    if math.ceil(args.users / args.batch_size) < 3:
+        parser.error("the segment needs at least 3 batches (--users / --batch-size)")
+    return args
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    segment = build_segment(args.users, args.batch_size, args.seed)
+    print(
+        f"segment: {args.users:,} users in {segment.total_batches} batches of ≤{args.batch_size:,},"
+        f" {segment.encoded_bytes / 1e6:.1f} MB encoded; concurrency {args.concurrency};"
+        f" {args.rounds} rounds + 1 warm-up per target",
+        flush=True,
+    )
+    rng = random.Random(args.seed)
+    orders = [
+        rng.sample(range(1, segment.total_batches + 1), segment.total_batches)
+        for _ in range(args.rounds + 1)
+    ]
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="audience-bench-")))
+        python = [sys.executable, "-m"]
+        targets = [
+            Target("floor", "floor", [*python, "bench.floor"], server_env()),
+            Target(
+                "sqlite",
+                "sqlite",
+                [*audience_server_command(), "serve"],
+                server_env(f"sqlite:///{workdir / 'bench.db'}"),
+            ),
+        ]
+        if args.postgres_url:
+            url = stack.enter_context(postgres_database(args.postgres_url, workdir))
+            targets.append(
+                Target(
+                    "postgresql",
+                    "postgresql",
+                    [*audience_server_command(), "serve"],
+                    server_env(url),
+                )
+            )
+        # Entered before the servers so that it is shut down after they stop: a worker still
+        # waiting on a server then fails at once instead of holding up the exit.
+        pool = stack.enter_context(ThreadPoolExecutor(args.concurrency, "bench-client"))
+        servers = [stack.enter_context(running(target, workdir)) for target in targets]
+        conns = {}
+        for server in servers:
+            conns[server.target.name] = [
+                http.client.HTTPConnection(HOST, server.port, timeout=REQUEST_TIMEOUT_S)
+                for _ in range(args.concurrency)
+            ]
+            for conn in conns[server.target.name]:
+                stack.callback(conn.close)
+
+        rounds: list[Round] = []
+        for index, order in enumerate(orders):
+            for server in servers:
+                result = run_round(
+                    server, segment, order, index, index == 0, pool, conns[server.target.name]
+                )
+                rounds.append(result)
+                print(
+                    f"  round {index}{' (warm-up)' if result.warmup else ''} "
+                    f"{server.target.name:<10} {result.users_per_s:>9,.0f} users/s  "
+                    f"alone {result.lone_intermediate_ms:6.1f} ms  "
+                    f"completing {result.completing_ms:6.1f} ms",
+                    flush=True,
+                )
+
+    floor = summarize(targets[0], [r for r in rounds if r.target == "floor"], None)
+    summaries = [floor] + [
+        summarize(target, [r for r in rounds if r.target == target.name], floor)
+        for target in targets[1:]
+    ]
+    print()
+    print(format_table(summaries))
+    print(
+        "\nusers/s: median over rounds of the concurrent part (lone batches excluded). "
+        "p50/p99: latency of the concurrent batches.\nlast: the completing batch, sent alone; "
+        "alone: an intermediate batch sent alone just before it; medians over rounds."
+    )
+    path = write_results(args, segment, summaries, rounds)
+    print(f"\nresults: {path.relative_to(ROOT)}  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"bench.ingest: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench.ingest: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
