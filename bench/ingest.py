@@ -296,9 +296,12 @@ def _post(conn: http.client.HTTPConnection, body: bytes, what: str) -> float:
         "Content-Length": str(len(body)),
     }
     start = time.perf_counter()
-    conn.request("POST", "/audience", body=body, headers=headers)
-    response = conn.getresponse()
-    answer = response.read()
+    try:
+        conn.request("POST", "/audience", body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"{what}: {type(exc).__name__}: {exc}") from exc
     elapsed = (time.perf_counter() - start) * 1000
     try:
         ok = response.status == 200 and orjson.loads(answer) == {"success": True}
@@ -336,6 +339,9 @@ def run_round(
     *concurrent, lone, completing = order
     what = f"{server.target.name} round {index}"
     queue = deque(concurrent)
+    for conn in conns:  # uvicorn drops keep-alive connections idle for 5 s: open fresh ones
+        conn.close()
+        conn.connect()
     start = time.perf_counter()
     futures = [pool.submit(_drain, conn, queue, bodies, what) for conn in conns]
     try:
