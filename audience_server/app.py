@@ -182,7 +182,9 @@ async def readyz(request: Request) -> Response:
         log.warning("database unreachable", extra={"error": type(exc.orig).__name__})
         return _json({"status": "unavailable", "reason": "database unreachable"}, 503)
     if not current:
-        return _json({"status": "unavailable", "reason": "schema is not at the newest revision"}, 503)
+        return _json(
+            {"status": "unavailable", "reason": "schema is not at the newest revision"}, 503
+        )
     return _json({"status": "ready"})
 
 

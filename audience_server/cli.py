@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.set_defaults(run=_serve)
-    migrate = commands.add_parser("migrate", help="bring the database schema to the newest revision")
+    migrate = commands.add_parser(
+        "migrate", help="bring the database schema to the newest revision"
+    )
     migrate.set_defaults(run=_migrate)
     return parser
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
@@ -25,7 +25,7 @@ class _LimitedBody:
     def __init__(self, request: Request, limit: int) -> None:
         self.request, self.limit, self.tail = request, limit, b""
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         seen = 0
         async for chunk in self.request.stream():
             seen += len(chunk)
@@ -54,7 +54,11 @@ async def read_form(request: Request, max_body_bytes: int) -> dict[str, str]:
     parser: MultiPartParser | FormParser
     if multipart:
         parser = MultiPartParser(
-            request.headers, body.stream(), max_files=10, max_fields=100, max_part_size=max_body_bytes
+            request.headers,
+            body.stream(),
+            max_files=10,
+            max_fields=100,
+            max_part_size=max_body_bytes,
         )
     else:
         parser = FormParser(

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection
 
 from . import store
 from .errors import AudienceError, Conflict, SessionGone
 from .parsing import BatchUpload
 from .sequencing import base_settled_by, fits_base, inconsistency
+from .store import AnyRow
 
 Result = Literal["stored", "completed", "inconsistent", "duplicate"]
 
@@ -31,14 +32,14 @@ class Outcome:
     error: AudienceError | None = None
 
 
-def effective_state(session: Row[Any], now: dt.datetime) -> str:
+def effective_state(session: AnyRow, now: dt.datetime) -> str:
     """The state as readers see it: an idle receiving session expires at ``expires_at``."""
     if session.state == "receiving" and session.expires_at <= now:
         return "expired"
     return str(session.state)
 
 
-def _same_users(stored: Row[Any], upload: BatchUpload) -> bool:
+def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
     if stored.digest == upload.digest:
         return True
     if stored.users is None or stored.user_count != upload.user_count:
@@ -50,7 +51,7 @@ def _same_users(stored: Row[Any], upload: BatchUpload) -> bool:
     )
 
 
-def _check_matches_session(session: Row[Any], upload: BatchUpload) -> None:
+def _check_matches_session(session: AnyRow, upload: BatchUpload) -> None:
     key = upload.session_key
     problems = []
     if upload.name != session.name:
@@ -62,7 +63,9 @@ def _check_matches_session(session: Row[Any], upload: BatchUpload) -> None:
         ("totalUsers", upload.total_users, session.total_users),
     ):
         if sent != started:
-            problems.append(f"batch.{field} is {sent} but session {key} was started with {started}.")
+            problems.append(
+                f"batch.{field} is {sent} but session {key} was started with {started}."
+            )
     if problems:
         raise Conflict(*problems)
 
@@ -167,7 +170,9 @@ def receive_batch(
             values.update(state="inconsistent", reason=reason)
             store.add_event(conn, tenant, key, now, "inconsistent", reason)
             outcome = Outcome(
-                "inconsistent", "inconsistent", Conflict(f"session {key} is inconsistent: {reason}.")
+                "inconsistent",
+                "inconsistent",
+                Conflict(f"session {key} is inconsistent: {reason}."),
             )
     store.update_session(conn, tenant, key, **values)
     return outcome

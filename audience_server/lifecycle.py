@@ -5,16 +5,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection
 
 from . import store
 from .errors import NotFound
+from .store import AnyRow
 
 # States whose users are already gone or were delivered: abort changes nothing but purges.
 _KEEPS_STATE = frozenset({"delivered", "expired", "aborted"})
 
 
-def abort_session(conn: Connection, tenant: str, key: str, now: dt.datetime) -> Row[Any]:
+def abort_session(conn: Connection, tenant: str, key: str, now: dt.datetime) -> AnyRow:
     """Purge a session's users; it becomes ``aborted`` unless it had already ended well or
     expired. Returns the session as it now stands."""
     session = store.lock_session(conn, tenant, key)

@@ -95,9 +95,7 @@ batches = Table(
     Column("meta", Text, nullable=False),  # the batch object as sent, JSON
     Column("users", LargeBinary, nullable=True),  # the users field as sent; NULL once purged
     Column("received_at", UTCDateTime, nullable=False),
-    ForeignKeyConstraint(
-        ["tenant", "session_key"], ["sessions.tenant", "sessions.session_key"]
-    ),
+    ForeignKeyConstraint(["tenant", "session_key"], ["sessions.tenant", "sessions.session_key"]),
 )
 
 events = Table(

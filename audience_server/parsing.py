@@ -19,7 +19,15 @@ from .errors import CorruptedPayload, EmptyUsers, InvalidField, PayloadTooLarge
 
 SegmentType = Literal["custom", "primary"]
 
-STRING_FIELDS = ("edgeTagId", "externalId", "email", "firstName", "lastName", "country", "postalCode")
+STRING_FIELDS = (
+    "edgeTagId",
+    "externalId",
+    "email",
+    "firstName",
+    "lastName",
+    "country",
+    "postalCode",
+)
 MAX_NAME_LENGTH = 200
 MAX_REPORTED_USER_ERRORS = 10
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -85,10 +93,6 @@ def _load_json(field: str, raw: str | None) -> Any:
         raise CorruptedPayload(f"Field {field} is not valid JSON ({exc}).") from None
 
 
-def _is_int(value: object) -> bool:
-    return type(value) is int  # bool is not an integer here
-
-
 def check_users(users: list[Any], errors: list[str]) -> None:
     """Type-check every user; values are not judged for format (providers do that)."""
     found = 0
@@ -114,6 +118,11 @@ def check_users(users: list[Any], errors: list[str]) -> None:
         errors.append(f"users has {found - MAX_REPORTED_USER_ERRORS} more invalid fields.")
 
 
+def _positive_int(value: object) -> int | None:
+    # type() rather than isinstance(): a JSON true is not the integer 1 here.
+    return value if type(value) is int and value >= 1 else None
+
+
 def _check_batch(batch: dict[str, Any], limits: Limits, errors: list[str]) -> None:
     key = session_key(batch.get("sessionId"))
     if key is None:
@@ -121,13 +130,13 @@ def _check_batch(batch: dict[str, Any], limits: Limits, errors: list[str]) -> No
             "batch.sessionId must be an integer >= 0 or a string of 1-128 characters "
             "from A-Z, a-z, 0-9 and . _ : -."
         )
-    total_batches, total_users = batch.get("totalBatches"), batch.get("totalUsers")
-    totals_ok = True
-    for field, value in (("totalBatches", total_batches), ("totalUsers", total_users)):
-        if not _is_int(value) or value < 1:
-            errors.append(f"batch.{field} must be an integer >= 1.")
-            totals_ok = False
-    if totals_ok:
+    total_batches = _positive_int(batch.get("totalBatches"))
+    total_users = _positive_int(batch.get("totalUsers"))
+    if total_batches is None:
+        errors.append("batch.totalBatches must be an integer >= 1.")
+    if total_users is None:
+        errors.append("batch.totalUsers must be an integer >= 1.")
+    if total_batches is not None and total_users is not None:
         if total_batches > limits.max_total_batches:
             errors.append(
                 f"batch.totalBatches must be at most {limits.max_total_batches}; "
@@ -139,12 +148,11 @@ def _check_batch(batch: dict[str, Any], limits: Limits, errors: list[str]) -> No
                 f"({total_users}): every batch holds at least one user."
             )
     sequence = batch.get("sequence")
-    if not _is_int(sequence):
+    if type(sequence) is not int:
         errors.append("batch.sequence must be an integer.")
-    elif totals_ok and not 0 <= sequence <= total_batches:
+    elif total_batches is not None and not 0 <= sequence <= total_batches:
         errors.append(
-            f"batch.sequence must be between 0 and totalBatches ({total_batches}); "
-            f"got {sequence}."
+            f"batch.sequence must be between 0 and totalBatches ({total_batches}); got {sequence}."
         )
     pull_date = batch.get("pullDate")
     if pull_date is not None:

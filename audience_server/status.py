@@ -8,11 +8,11 @@ import datetime as dt
 from typing import Any
 
 import orjson
-from sqlalchemy import Row
 
 from .errors import InvalidField
 from .ingest import effective_state
 from .sequencing import missing_sequences
+from .store import AnyRow
 
 STATES = (
     "receiving",
@@ -32,7 +32,7 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def session_view(
-    session: Row[Any], now: dt.datetime, sequences: list[int] | None = None
+    session: AnyRow, now: dt.datetime, sequences: list[int] | None = None
 ) -> dict[str, Any]:
     """A session as SPEC §4 shows it; ``missingSequences`` only when ``sequences`` is given."""
     state = effective_state(session, now)
@@ -64,7 +64,7 @@ def session_view(
     return view
 
 
-def encode_cursor(session: Row[Any]) -> str:
+def encode_cursor(session: AnyRow) -> str:
     raw = orjson.dumps([session.updated_at.isoformat(), session.session_key])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

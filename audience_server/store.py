@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import Connection, Row, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import batches, events, sessions
+
+AnyRow: TypeAlias = Row[*tuple[Any, ...]]
 
 
 def _session_key(tenant: str, key: str) -> Any:
@@ -33,13 +35,13 @@ def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
     return conn.execute(stmt).first() is not None
 
 
-def lock_session(conn: Connection, tenant: str, key: str) -> Row[Any] | None:
+def lock_session(conn: Connection, tenant: str, key: str) -> AnyRow | None:
     """The session row, locked until the transaction ends (SQLite: the writer lock does it)."""
     stmt = select(sessions).where(_session_key(tenant, key)).with_for_update()
     return conn.execute(stmt).first()
 
 
-def get_session(conn: Connection, tenant: str, key: str) -> Row[Any] | None:
+def get_session(conn: Connection, tenant: str, key: str) -> AnyRow | None:
     return conn.execute(select(sessions).where(_session_key(tenant, key))).first()
 
 
@@ -47,7 +49,7 @@ def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> No
     conn.execute(update(sessions).where(_session_key(tenant, key)).values(**values))
 
 
-def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> Row[Any] | None:
+def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> AnyRow | None:
     stmt = select(batches.c.user_count, batches.c.digest, batches.c.users).where(
         _batches_of(tenant, key), batches.c.sequence == sequence
     )
@@ -59,9 +61,7 @@ def insert_batch(conn: Connection, **values: Any) -> None:
 
 
 def sum_users(conn: Connection, tenant: str, key: str) -> int:
-    stmt = select(func.coalesce(func.sum(batches.c.user_count), 0)).where(
-        _batches_of(tenant, key)
-    )
+    stmt = select(func.coalesce(func.sum(batches.c.user_count), 0)).where(_batches_of(tenant, key))
     return int(conn.execute(stmt).scalar_one())
 
 
@@ -73,9 +73,9 @@ def received_sequences(conn: Connection, tenant: str, key: str) -> list[int]:
 def purge_users(conn: Connection, tenant: str, key: str) -> None:
     """Forget the users of every batch; digests and counts stay for idempotency and history."""
     conn.execute(
-        update(batches).where(_batches_of(tenant, key), batches.c.users.is_not(None)).values(
-            users=None
-        )
+        update(batches)
+        .where(_batches_of(tenant, key), batches.c.users.is_not(None))
+        .values(users=None)
     )
 
 
@@ -87,7 +87,7 @@ def add_event(
     )
 
 
-def session_events(conn: Connection, tenant: str, key: str) -> Sequence[Row[Any]]:
+def session_events(conn: Connection, tenant: str, key: str) -> Sequence[AnyRow]:
     stmt = (
         select(events.c.at, events.c.kind, events.c.detail)
         .where(events.c.tenant == tenant, events.c.session_key == key)
@@ -118,7 +118,7 @@ def list_sessions(
     state: str | None = None,
     name: str | None = None,
     after: tuple[dt.datetime, str] | None = None,
-) -> Sequence[Row[Any]]:
+) -> Sequence[AnyRow]:
     """Newest activity first; ``after`` is the (updated_at, key) of the last row already seen."""
     stmt = select(sessions).where(sessions.c.tenant == tenant)
     if state is not None:
@@ -138,7 +138,7 @@ def list_sessions(
     return conn.execute(stmt).all()
 
 
-def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> Sequence[Row[Any]]:
+def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
     """Receiving sessions past their expiry, locked; other sweepers skip them."""
     stmt = (
         select(sessions.c.tenant, sessions.c.session_key, sessions.c.expires_at)

@@ -33,9 +33,7 @@ def form(
     return fields
 
 
-def send(
-    client: TestClient, fields: dict[str, str], query: str = "", **kwargs: Any
-) -> Response:
+def send(client: TestClient, fields: dict[str, str], query: str = "", **kwargs: Any) -> Response:
     """POST the fields as multipart/form-data, as EdgeTag clients do."""
     files = {key: (None, value) for key, value in fields.items()}
     return client.post(f"/audience{query}", files=files, **kwargs)

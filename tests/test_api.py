@@ -46,7 +46,11 @@ def test_success_body_is_edgetags(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("headers", "body", "details"),
     [
-        ({"content-type": "application/json"}, b'{"users": []}', "Content-Type is application/json"),
+        (
+            {"content-type": "application/json"},
+            b'{"users": []}',
+            "Content-Type is application/json",
+        ),
         ({}, b"name=x", "the Content-Type header is missing"),
         ({"content-type": "text/plain"}, b"hello", "Content-Type is text/plain"),
         ({"content-type": "multipart/form-data"}, b"--x\r\n", "Missing boundary in multipart"),
@@ -76,7 +80,9 @@ def test_corrupted_payload_is_edgetags_json(client: TestClient) -> None:
     assert response.status_code == 400
     assert response.headers["content-type"] == EDGE_JSON
     body = response.content.decode()
-    prefix = '{"success": false, "errors": ["Payload is corrupted or missing. Please send JSON string. '
+    prefix = (
+        '{"success": false, "errors": ["Payload is corrupted or missing. Please send JSON string. '
+    )
     assert body.startswith(prefix) and body.endswith('"]}')
     assert "Field batch is not valid JSON" in body
 
@@ -162,7 +168,9 @@ def test_body_over_limit_is_413(engine: Engine, clock: FakeClock, database_url: 
                 yield body[i : i + 1000]
 
         response = client.post(
-            "/audience", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+            "/audience",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=x"},
         )
         assert response.status_code == 413
 
@@ -211,7 +219,9 @@ def test_example_upload_out_of_order_completes(client: TestClient, engine: Engin
 
 def test_base_zero_session_completes(client: TestClient) -> None:
     for sequence in (1, 0, 2):
-        assert send(client, form("zero", sequence, 3, 3, make_users(1, sequence))).status_code == 200
+        assert (
+            send(client, form("zero", sequence, 3, 3, make_users(1, sequence))).status_code == 200
+        )
     body = status(client, "zero")
     assert (body["state"], body["sequenceBase"], body["missingSequences"]) == ("complete", 0, [])
 
@@ -294,7 +304,15 @@ def test_mismatch_with_first_batch_is_409(
     args: dict[str, Any] = {"total_batches": 2, "total_users": 4} | changes
     name = args.pop("name", "High Value Customers Q1")
     segment_type = args.pop("type", "custom")
-    fields = form("c", 2, args["total_batches"], args["total_users"], make_users(2, 2), name=name, type=segment_type)
+    fields = form(
+        "c",
+        2,
+        args["total_batches"],
+        args["total_users"],
+        make_users(2, 2),
+        name=name,
+        type=segment_type,
+    )
     response = send(client, fields)
     assert response.status_code == 409
     assert errors(response) == [message]
@@ -392,15 +410,22 @@ def test_api_keys_guard_everything_but_healthz(
         # 401 answers first, even before a body that is too large or malformed
         response = client.post("/audience", content=b"x", headers={"content-type": "text/plain"})
         assert response.status_code == 401
-        assert errors(response) == ["A valid API key is required: send Authorization: Bearer <key>."]
-        wrong = send(client, form(1, 1, 1, 1, make_users(1)), headers={"authorization": "Bearer k3"})
+        assert errors(response) == [
+            "A valid API key is required: send Authorization: Bearer <key>."
+        ]
+        wrong = send(
+            client, form(1, 1, 1, 1, make_users(1)), headers={"authorization": "Bearer k3"}
+        )
         assert wrong.status_code == 401
 
         acme = {"authorization": "Bearer k1"}
         globex = {"authorization": "Bearer k2"}
         assert send(client, form(7, 1, 2, 2, make_users(1)), headers=acme).status_code == 200
         # the same sessionId is another session for another tenant
-        assert send(client, form(7, 1, 3, 3, make_users(1), name="Theirs"), headers=globex).status_code == 200
+        assert (
+            send(client, form(7, 1, 3, 3, make_users(1), name="Theirs"), headers=globex).status_code
+            == 200
+        )
         assert client.get("/audience/sessions/7", headers=acme).json()["totalBatches"] == 2
         assert client.get("/audience/sessions/7", headers=globex).json()["name"] == "Theirs"
         listed = client.get("/audience/sessions", headers=acme).json()["sessions"]

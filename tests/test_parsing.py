@@ -26,7 +26,9 @@ def field_errors(fields: dict[str, str], query: dict[str, str] | None = None) ->
 
 def test_valid_batch_is_parsed_with_trimmed_name_and_default_type() -> None:
     users = [{"email": "a@example.com", "purchase": [1, 2]}, {"phone": 14155550100}]
-    upload = parse(form(17, 2, 3, 5, users, name="  High  Value \n", type=None, pullDate="2026-01-01"))
+    upload = parse(
+        form(17, 2, 3, 5, users, name="  High  Value \n", type=None, pullDate="2026-01-01")
+    )
     assert upload.name == "High  Value"
     assert upload.type == "custom"
     assert upload.session_key == "17"
@@ -44,7 +46,12 @@ def test_unknown_batch_keys_are_kept() -> None:
 
 @pytest.mark.parametrize(
     ("value", "key"),
-    [(1708531200, "1708531200"), ("1708531200", "1708531200"), (0, "0"), ("a.B_c:d-9", "a.B_c:d-9")],
+    [
+        (1708531200, "1708531200"),
+        ("1708531200", "1708531200"),
+        (0, "0"),
+        ("a.B_c:d-9", "a.B_c:d-9"),
+    ],
 )
 def test_session_id_key_is_its_string_form(value: object, key: str) -> None:
     assert session_key(value) == key
@@ -53,9 +60,17 @@ def test_session_id_key_is_its_string_form(value: object, key: str) -> None:
 @pytest.mark.parametrize("value", [-1, 1.5, 3.0, True, None, "", "has space", "x" * 129, "é", [1]])
 def test_invalid_session_ids(value: object) -> None:
     assert session_key(value) is None
-    assert any("batch.sessionId" in e for e in field_errors(form(1, 1, 1, 1, [{}]) | {
-        "batch": json.dumps({"sessionId": value, "sequence": 1, "totalBatches": 1, "totalUsers": 1})
-    }))
+    assert any(
+        "batch.sessionId" in e
+        for e in field_errors(
+            form(1, 1, 1, 1, [{}])
+            | {
+                "batch": json.dumps(
+                    {"sessionId": value, "sequence": 1, "totalBatches": 1, "totalUsers": 1}
+                )
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize(

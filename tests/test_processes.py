@@ -60,7 +60,9 @@ def test_last_batches_racing_on_two_processes_complete_exactly_once(
             key = f"race-{i}"
             parts = {seq: make_users(5, seq * 5) for seq in (1, 2, 3, 4)}
 
-            def send(client: httpx2.Client, base: str, seq: int) -> Callable[[], httpx2.Response]:
+            def send(
+                client: httpx2.Client, base: str, seq: int, key: str = key, parts: Any = parts
+            ) -> Callable[[], httpx2.Response]:
                 return lambda: post(client, base, form(key, seq, 4, 20, parts[seq]))
 
             # the session is created by two processes at once
@@ -86,7 +88,10 @@ def test_last_batches_racing_on_two_processes_complete_exactly_once(
 def test_kill_9_loses_no_acknowledged_batch(database_url: str, tmp_path: Path) -> None:
     total_batches, per_batch = 40, 2000
     parts = {seq: make_users(per_batch, seq * per_batch) for seq in range(1, total_batches + 1)}
-    fields = {seq: form("crash", seq, total_batches, total_batches * per_batch, users) for seq, users in parts.items()}
+    fields = {
+        seq: form("crash", seq, total_batches, total_batches * per_batch, users)
+        for seq, users in parts.items()
+    }
     server = ServerProcess(database_url, tmp_path / "server.log").start()
     acked: set[int] = set()
     lock = threading.Lock()

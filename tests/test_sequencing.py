@@ -27,4 +27,7 @@ def test_missing_sequences_count_from_one_until_settled() -> None:
 
 def test_inconsistency_reason() -> None:
     assert inconsistency(10, 10, 2) is None
-    assert inconsistency(10, 9, 2) == "all 2 batches arrived with 9 users in total, but totalUsers is 10"
+    assert (
+        inconsistency(10, 9, 2)
+        == "all 2 batches arrived with 9 users in total, but totalUsers is 10"
+    )

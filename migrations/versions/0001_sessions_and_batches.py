@@ -41,7 +41,9 @@ def upgrade() -> None:
         sa.Column("purged_at", UTCDateTime, nullable=True),
         sa.PrimaryKeyConstraint("tenant", "session_key", name="pk_sessions"),
     )
-    op.create_index("ix_sessions_tenant_updated", "sessions", ["tenant", "updated_at", "session_key"])
+    op.create_index(
+        "ix_sessions_tenant_updated", "sessions", ["tenant", "updated_at", "session_key"]
+    )
     op.create_index("ix_sessions_state_expires", "sessions", ["state", "expires_at"])
 
     op.create_table(
@@ -72,9 +74,7 @@ def upgrade() -> None:
         sa.Column("detail", sa.Text, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_session_events"),
     )
-    op.create_index(
-        "ix_session_events_session", "session_events", ["tenant", "session_key", "id"]
-    )
+    op.create_index("ix_session_events_session", "session_events", ["tenant", "session_key", "id"])
 
 
 def downgrade() -> None:
