@@ -7,8 +7,10 @@ take a connection and never commit. Writers on SQLite take the write lock up fro
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# SQLite has one writer at a time; a writer that finds the lock taken polls with sleeps
+# (its busy handler). Queueing this process's writers on a lock first avoids those sleeps.
+# Correctness never depends on it: other processes still meet SQLite's own lock.
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 def normalize_url(url: str) -> str:
@@ -52,6 +59,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
+        _sqlite_writers[engine] = threading.Lock()
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -59,7 +67,7 @@ def make_engine(url: str) -> Engine:
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """One short read-write transaction, committed on success, rolled back on error."""
-    with engine.connect() as conn:
+    with _sqlite_writers.get(engine) or nullcontext(), engine.connect() as conn:
         conn.execution_options(audience_write=True)
         with conn.begin():
             yield conn

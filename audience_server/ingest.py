@@ -46,7 +46,7 @@ def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
         return False
     # Same JSON value written differently (spacing, key order): still the same batch.
     canonical = orjson.OPT_SORT_KEYS
-    return orjson.dumps(orjson.loads(stored.users), option=canonical) == orjson.dumps(
+    return orjson.dumps(orjson.loads(store.unpack_users(stored.users)), option=canonical) == orjson.dumps(
         upload.users, option=canonical
     )
 
@@ -143,7 +143,7 @@ def receive_batch(
         user_count=upload.user_count,
         digest=upload.digest,
         meta=orjson.dumps(upload.batch).decode(),
-        users=upload.users_json,
+        users=store.pack_users(upload.users_json),
         received_at=now,
     )
     received_batches = session.received_batches + 1

@@ -7,12 +7,23 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
+import zstandard
 from sqlalchemy import Connection, Row, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import batches, events, sessions
 
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
+
+
+def pack_users(users_json: bytes) -> bytes:
+    """Stored form of a batch's users: zstd, which costs under a millisecond for 2 MB and
+    shrinks what the database writes (and PostgreSQL TOASTs) several times over."""
+    return zstandard.ZstdCompressor(level=1).compress(users_json)
+
+
+def unpack_users(stored: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(stored)
 
 
 def _session_key(tenant: str, key: str) -> Any:

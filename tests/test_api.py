@@ -11,6 +11,7 @@ from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
 from audience_server.models import batches, events
+from audience_server.store import unpack_users
 from tests.conftest import FakeClock, make_users
 from tests.helpers import errors, form, send
 
@@ -214,7 +215,7 @@ def test_example_upload_out_of_order_completes(client: TestClient, engine: Engin
     assert completion_events(engine, "1708531200") == ["created", "complete"]
     with engine.connect() as conn:
         stored = conn.execute(select(batches.c.sequence, batches.c.users).order_by("sequence"))
-        assert [(seq, json.loads(raw)) for seq, raw in stored] == list(parts.items())
+        assert [(seq, json.loads(unpack_users(raw))) for seq, raw in stored] == list(parts.items())
 
 
 def test_base_zero_session_completes(client: TestClient) -> None:
