@@ -11,12 +11,13 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 import orjson
 from sqlalchemy import Connection
 
 from . import store
 from .errors import AudienceError, Conflict, SessionGone
-from .parsing import BatchUpload
+from .parsing import BatchUpload, decode_users
 from .sequencing import base_settled_by, fits_base, inconsistency
 from .store import AnyRow
 
@@ -44,11 +45,12 @@ def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
         return True
     if stored.users is None or stored.user_count != upload.user_count:
         return False
+
     # Same JSON value written differently (spacing, key order): still the same batch.
-    canonical = orjson.OPT_SORT_KEYS
-    return orjson.dumps(orjson.loads(store.unpack_users(stored.users)), option=canonical) == orjson.dumps(
-        upload.users, option=canonical
-    )
+    def canonical(users_json: bytes) -> bytes:
+        return msgspec.json.encode(decode_users(users_json), order="sorted")
+
+    return canonical(store.unpack_users(stored.users)) == canonical(upload.users_json)
 
 
 def _check_matches_session(session: AnyRow, upload: BatchUpload) -> None:

@@ -2,6 +2,11 @@
 
 Pure logic: no HTTP, no database. Errors are raised in the order SPEC §2 gives
 (413 users per batch, corrupted payload, empty users, then every field error at once).
+
+``users`` is read with msgspec against the typed user schema: it checks the JSON and the
+types of the known fields in C without building a dict per user (ingest never needs them:
+the field is stored as sent). Only when that check fails is the array decoded into Python
+objects, to say exactly which index and field are wrong.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 import orjson
 
 from .errors import CorruptedPayload, EmptyUsers, InvalidField, PayloadTooLarge
@@ -35,6 +41,36 @@ _PULL_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
+class _User(msgspec.Struct, gc=False):
+    """The known fields of a user and their JSON types; other keys are skipped."""
+
+    edgeTagId: str | None = None
+    externalId: str | None = None
+    email: str | None = None
+    phone: str | int | None = None
+    firstName: str | None = None
+    lastName: str | None = None
+    country: str | None = None
+    postalCode: str | None = None
+
+
+_USERS = msgspec.json.Decoder(list[_User])
+_ANY_JSON = msgspec.json.Decoder()
+
+
+def decode_users(users_json: bytes) -> Any:
+    """The users field as Python objects (msgspec reads it at ingest, so everywhere)."""
+    return _ANY_JSON.decode(users_json)
+
+
+def _valid_user_count(users_json: bytes) -> int | None:
+    """How many users, if the field is a JSON array of well-typed users; else None."""
+    try:
+        return len(_USERS.decode(users_json))
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+
+
 @dataclass(frozen=True)
 class Limits:
     """The per-batch limits a parse enforces."""
@@ -54,15 +90,11 @@ class BatchUpload:
     total_batches: int
     total_users: int
     batch: dict[str, Any]  # the batch object as sent, unknown keys included
-    users: list[Any]
     users_json: bytes  # the users field exactly as received
+    user_count: int
     digest: bytes  # sha256 of users_json
     sync: bool
     disable_prefix: bool
-
-    @property
-    def user_count(self) -> int:
-        return len(self.users)
 
 
 def session_key(value: object) -> str | None:
@@ -84,13 +116,15 @@ def parse_flag(name: str, raw: str | None, errors: list[str]) -> bool:
     return value
 
 
-def _load_json(field: str, raw: str | None) -> Any:
+def _load_json(field: str, raw: str | bytes | None) -> Any:
     if raw is None:
         raise CorruptedPayload(f"Field {field} is missing.")
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        return orjson.loads(raw) if field == "batch" else decode_users(raw)  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, msgspec.DecodeError) as exc:
         raise CorruptedPayload(f"Field {field} is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise CorruptedPayload(f"Field {field} is nested too deeply.") from None
 
 
 def check_users(users: list[Any], errors: list[str]) -> None:
@@ -166,22 +200,32 @@ def _check_batch(batch: dict[str, Any], limits: Limits, errors: list[str]) -> No
             errors.append("batch.pullDate must be a date written YYYY-MM-DD.")
 
 
+def _too_many(count: int, limits: Limits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"users has {count} entries; the limit is {limits.max_batch_users} per batch."
+    )
+
+
 def parse_upload(
     fields: Mapping[str, str], query: Mapping[str, str], limits: Limits
 ) -> BatchUpload:
     """Validate one form; raise the first error class that applies, with all its messages."""
     raw_users = fields.get("users")
-    users = _load_json("users", raw_users)
-    if type(users) is list and len(users) > limits.max_batch_users:
-        raise PayloadTooLarge(
-            f"users has {len(users)} entries; the limit is {limits.max_batch_users} per batch."
-        )
+    users_json = raw_users.encode() if raw_users is not None else None
+    count = _valid_user_count(users_json) if users_json is not None else None
+    users: Any = None
+    if count is None:  # slow path: find out what is wrong, in SPEC order
+        users = _load_json("users", users_json)
+        if type(users) is list and len(users) > limits.max_batch_users:
+            raise _too_many(len(users), limits)
+    elif count > limits.max_batch_users:
+        raise _too_many(count, limits)
     batch = _load_json("batch", fields.get("batch"))
     if type(batch) is not dict:
         raise CorruptedPayload("Field batch must be a JSON object.")
-    if type(users) is not list:
+    if count is None and type(users) is not list:
         raise CorruptedPayload("Field users must be a JSON array.")
-    if not users:
+    if count == 0 or users == []:
         raise EmptyUsers()
 
     errors: list[str] = []
@@ -196,12 +240,13 @@ def parse_upload(
     _check_batch(batch, limits, errors)
     sync = parse_flag("sync", query.get("sync"), errors)
     disable_prefix = parse_flag("disablePrefix", query.get("disablePrefix"), errors)
-    check_users(users, errors)
+    if count is None:
+        check_users(users, errors)
+        count = len(users)
     if errors:
         raise InvalidField(*errors)
 
-    assert raw_users is not None
-    users_json = raw_users.encode()
+    assert users_json is not None
     return BatchUpload(
         name=name,
         type=segment_type,  # type: ignore[arg-type]
@@ -210,8 +255,8 @@ def parse_upload(
         total_batches=batch["totalBatches"],
         total_users=batch["totalUsers"],
         batch=batch,
-        users=users,
         users_json=users_json,
+        user_count=count,
         digest=hashlib.sha256(users_json).digest(),
         sync=sync,
         disable_prefix=disable_prefix,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from audience_server.errors import CorruptedPayload, EmptyUsers, InvalidField, PayloadTooLarge
-from audience_server.parsing import Limits, parse_upload, session_key
+from audience_server.parsing import Limits, decode_users, parse_upload, session_key
 from tests.helpers import form
 
 LIMITS = Limits(max_batch_users=100, max_total_batches=1000)
@@ -34,7 +34,7 @@ def test_valid_batch_is_parsed_with_trimmed_name_and_default_type() -> None:
     assert upload.session_key == "17"
     assert (upload.sequence, upload.total_batches, upload.total_users) == (2, 3, 5)
     assert upload.user_count == 2
-    assert upload.users == users
+    assert decode_users(upload.users_json) == users
     assert upload.batch["pullDate"] == "2026-01-01"
     assert upload.sync is False and upload.disable_prefix is False
 
@@ -201,3 +201,25 @@ def test_digest_is_of_the_users_field_as_sent() -> None:
     b = parse(form(1, 1, 1, 1, [{"b": 2, "a": 1}]))
     assert a.digest != b.digest  # the store compares semantically when bytes differ
     assert a.users_json == b'[{"a": 1, "b": 2}]'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['[{"x": 123456789012345678901234567890}]', '[{"x": [1, {"y": null}], "email": "a@b.c"}]'],
+)
+def test_any_valid_json_is_kept_in_unknown_keys(raw: str) -> None:
+    upload = parse(form(1, 1, 1, 1, [{}]) | {"users": raw})
+    assert upload.user_count == 1 and upload.users_json == raw.encode()
+
+
+@pytest.mark.parametrize("raw", ['[{"x": NaN}]', '[{"x": 1}] trailing', "[{'x': 1}]"])
+def test_json_that_is_not_json_is_corrupted(raw: str) -> None:
+    with pytest.raises(CorruptedPayload) as info:
+        parse(form(1, 1, 1, 1, [{}]) | {"users": raw})
+    assert "Field users is not valid JSON (JSON is malformed" in info.value.messages[0]
+
+
+@pytest.mark.parametrize("raw", ["[" * 100_000, '[{"x": ' + "[" * 100_000 + "]" * 100_000 + "}]"])
+def test_absurd_nesting_is_corrupted_not_a_crash(raw: str) -> None:
+    with pytest.raises(CorruptedPayload):
+        parse(form(1, 1, 1, 1, [{}]) | {"users": raw})
