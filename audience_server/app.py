@@ -81,10 +81,16 @@ def _log_batch(upload: BatchUpload, tenant: str, result: str, status: int) -> No
 
 def _ingest(ctx: Context, tenant: str, fields: dict[str, str], query: Mapping[str, str]) -> Outcome:
     upload = parse_upload(fields, query, ctx.limits)
+    packed = store.pack_users(upload.users_json)
     try:
         with db.write_transaction(ctx.engine) as conn:
             outcome = receive_batch(
-                conn, tenant, upload, now=ctx.clock(), ttl=ctx.settings.session_ttl
+                conn,
+                tenant,
+                upload,
+                packed_users=packed,
+                now=ctx.clock(),
+                ttl=ctx.settings.session_ttl,
             )
     except AudienceError as exc:
         _log_batch(upload, tenant, "rejected", exc.status)

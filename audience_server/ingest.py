@@ -73,9 +73,19 @@ def _check_matches_session(session: AnyRow, upload: BatchUpload) -> None:
 
 
 def receive_batch(
-    conn: Connection, tenant: str, upload: BatchUpload, *, now: dt.datetime, ttl: dt.timedelta
+    conn: Connection,
+    tenant: str,
+    upload: BatchUpload,
+    *,
+    packed_users: bytes,
+    now: dt.datetime,
+    ttl: dt.timedelta,
 ) -> Outcome:
-    """Apply one validated batch to its session (SPEC §2 semantics)."""
+    """Apply one validated batch to its session (SPEC §2 semantics).
+
+    ``packed_users`` is ``store.pack_users(upload.users_json)``, made by the caller before
+    the transaction so the compression does not lengthen the time the session is locked.
+    """
     key = upload.session_key
     created = store.create_session_if_absent(
         conn,
@@ -145,7 +155,7 @@ def receive_batch(
         user_count=upload.user_count,
         digest=upload.digest,
         meta=orjson.dumps(upload.batch).decode(),
-        users=store.pack_users(upload.users_json),
+        users=packed_users,
         received_at=now,
     )
     received_batches = session.received_batches + 1

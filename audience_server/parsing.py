@@ -63,7 +63,7 @@ def decode_users(users_json: bytes) -> Any:
     return _ANY_JSON.decode(users_json)
 
 
-def _valid_user_count(users_json: bytes) -> int | None:
+def valid_user_count(users_json: bytes) -> int | None:
     """How many users, if the field is a JSON array of well-typed users; else None."""
     try:
         return len(_USERS.decode(users_json))
@@ -212,7 +212,7 @@ def parse_upload(
     """Validate one form; raise the first error class that applies, with all its messages."""
     raw_users = fields.get("users")
     users_json = raw_users.encode() if raw_users is not None else None
-    count = _valid_user_count(users_json) if users_json is not None else None
+    count = valid_user_count(users_json) if users_json is not None else None
     users: Any = None
     if count is None:  # slow path: find out what is wrong, in SPEC order
         users = _load_json("users", users_json)

@@ -5,10 +5,10 @@ multipart body and JSON, stores nothing), the real server on SQLite and, when a 
 URL is given, the real server on a fresh PostgreSQL database. Each round uploads the whole
 segment as a new session; rounds alternate between targets so machine noise falls on all.
 
-Per round, all batches but two are sent in random order at the given concurrency (this
-part's wall time gives users/s), then one intermediate batch alone, then the completing
-batch alone, so the completing batch is compared with an intermediate batch sent the same
-way (an intermediate batch sent at concurrency N also waits for N - 1 others).
+Per round, all batches but a few are sent in random order at the given concurrency (this
+part's wall time gives users/s), then a few intermediate batches one at a time, then the
+completing batch alone, so the completing batch is compared with intermediate batches sent
+the same way (an intermediate batch sent at concurrency N also waits for N - 1 others).
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ class Round:
     concurrent_users: int
     concurrent_wall_s: float
     latencies_ms: list[float]  # the batches sent concurrently
-    lone_intermediate_ms: float
+    lone_intermediate_ms: list[float]  # intermediate batches sent one at a time
     completing_ms: float
 
     @property
@@ -328,15 +328,17 @@ def run_round(
     server: Server,
     segment: Segment,
     order: Sequence[int],
+    lone: int,
     index: int,
     warmup: bool,
     pool: ThreadPoolExecutor,
     conns: Sequence[http.client.HTTPConnection],
 ) -> Round:
-    """Upload the segment as a new session in ``order``; the last two go alone."""
+    """Upload the segment as a new session in ``order``; the last ``lone + 1`` go alone."""
     session_id = f"bench-{server.target.name}-{index}-{uuid.uuid4().hex[:12]}"
     bodies = {sequence: segment.body(session_id, sequence) for sequence in order}
-    *concurrent, lone, completing = order
+    split = len(order) - 1 - lone
+    concurrent, alone, completing = order[:split], order[split:-1], order[-1]
     what = f"{server.target.name} round {index}"
     queue = deque(concurrent)
     for conn in conns:  # uvicorn drops keep-alive connections idle for 5 s: open fresh ones
@@ -350,7 +352,7 @@ def run_round(
         queue.clear()  # the other workers stop after their current batch
         raise
     wall = time.perf_counter() - start
-    lone_ms = _post(conns[0], bodies[lone], f"{what} sequence {lone} (alone)")
+    lone_ms = [_post(conns[0], bodies[s], f"{what} sequence {s} (alone)") for s in alone]
     completing_ms = _post(
         conns[0], bodies[completing], f"{what} sequence {completing} (completing)"
     )
@@ -386,6 +388,7 @@ class Summary:
     p50_ms: float
     p99_ms: float
     ratio_to_floor: float | None = None
+    ratio_to_decode_floor: float | None = None  # vs the floor that decodes as the server does
     ingest_target: float | None = None
     ingest_pass: bool | None = None
     completing_ms: float | None = None
@@ -396,7 +399,12 @@ class Summary:
     users_per_s_by_round: list[float] = field(default_factory=list)
 
 
-def summarize(target: Target, rounds: Sequence[Round], floor: Summary | None) -> Summary:
+def summarize(
+    target: Target,
+    rounds: Sequence[Round],
+    floor: Summary | None,
+    decode_floor: Summary | None = None,
+) -> Summary:
     counted = [r for r in rounds if not r.warmup]
     latencies = [ms for r in counted for ms in r.latencies_ms]
     summary = Summary(
@@ -414,8 +422,12 @@ def summarize(target: Target, rounds: Sequence[Round], floor: Summary | None) ->
         summary.ratio_to_floor = summary.median_users_per_s / floor.median_users_per_s
         summary.ingest_target = INGEST_TARGETS[target.kind]
         summary.ingest_pass = summary.ratio_to_floor >= summary.ingest_target
+    if decode_floor is not None:
+        summary.ratio_to_decode_floor = summary.median_users_per_s / decode_floor.median_users_per_s
     summary.completing_ms = statistics.median(r.completing_ms for r in counted)
-    summary.lone_intermediate_ms = statistics.median(r.lone_intermediate_ms for r in counted)
+    summary.lone_intermediate_ms = statistics.median(
+        ms for r in counted for ms in r.lone_intermediate_ms
+    )
     summary.completion_ratio = summary.completing_ms / summary.lone_intermediate_ms
     summary.completion_ratio_vs_concurrent_p50 = summary.completing_ms / summary.p50_ms
     summary.completion_pass = summary.completion_ratio <= COMPLETION_LIMIT
@@ -432,6 +444,7 @@ def format_table(summaries: Sequence[Summary]) -> str:
         f"{'target':<11}{'users/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'x floor':>9}{'goal':>7}{'':>6}"
         f"{'last ms':>9}{'alone ms':>10}{'last÷alone':>11}{'goal':>7}{'':>6}{'last÷p50':>10}"
+        f"{'x floor2':>10}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
@@ -451,6 +464,8 @@ def format_table(summaries: Sequence[Summary]) -> str:
                 f"{s.completion_ratio:>10.2f}x{'≤' + format(COMPLETION_LIMIT, '.1f'):>7}"
                 f"{_verdict(s.completion_pass):>6}{s.completion_ratio_vs_concurrent_p50:>9.2f}x"
             )
+        if s.ratio_to_decode_floor is not None:
+            row += f"{s.ratio_to_decode_floor:>9.2f}x"
         lines.append(row)
     return "\n".join(lines)
 
@@ -476,6 +491,7 @@ def write_results(
     segment: Segment,
     summaries: Sequence[Summary],
     rounds: Sequence[Round],
+    load_at_start: float,
 ) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -484,19 +500,24 @@ def write_results(
         "benchmark": "ingest",
         "at": stamp,
         "revision": _git_revision(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_at_start": load_at_start,
+        },
         "config": {
             "rounds": args.rounds,
             "warmup_rounds": 1,
             "users": args.users,
             "batch_size": args.batch_size,
             "batches": segment.total_batches,
+            "batches_sent_alone_per_round": args.lone + 1,
             "concurrency": args.concurrency,
             "encoded_mb": round(segment.encoded_bytes / 1e6, 1),
             "throughput": "users of the batches sent concurrently / their wall time; "
-            "the lone intermediate and the completing batch are excluded",
-            "completion_ratio": "completing batch / an intermediate batch also sent alone, "
-            "medians over rounds",
+            "the batches sent alone are excluded",
+            "completion_ratio": "median completing batch / median intermediate batch, "
+            "both sent alone, over the counted rounds",
         },
         "summary": [asdict(s) for s in summaries],
         "rounds": [{**asdict(r), "users_per_s": r.users_per_s} for r in rounds],
@@ -521,12 +542,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a PostgreSQL server to create a scratch database on "
         "(default: AUDIENCE_BENCH_POSTGRES_URL or AUDIENCE_TEST_POSTGRES_URL; none: skip)",
     )
+    parser.add_argument(
+        "--lone", type=int, default=3, help="intermediate batches sent alone per round"
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed of the users and batch order")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.concurrency < 1 or args.batch_size < 1:
-        parser.error("--rounds, --concurrency and --batch-size must be at least 1")
-    if math.ceil(args.users / args.batch_size) < 3:
-        parser.error("the segment needs at least 3 batches (--users / --batch-size)")
+    if min(args.rounds, args.concurrency, args.batch_size, args.lone) < 1:
+        parser.error("--rounds, --concurrency, --batch-size and --lone must be at least 1")
+    if math.ceil(args.users / args.batch_size) < args.lone + 2:
+        parser.error("the segment needs at least --lone + 2 batches (--users / --batch-size)")
     return args
 
 
@@ -536,6 +560,11 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    if load_at_start > 0.5:
+        print(
+            f"note: 1-min load average {load_at_start:.2f} at start: other work skews the numbers"
+        )
     segment = build_segment(args.users, args.batch_size, args.seed)
     print(
         f"segment: {args.users:,} users in {segment.total_batches} batches of ≤{args.batch_size:,},"
@@ -554,6 +583,7 @@ def run(args: argparse.Namespace) -> int:
         python = [sys.executable, "-m"]
         targets = [
             Target("floor", "floor", [*python, "bench.floor"], server_env()),
+            Target("floor2", "floor", [*python, "bench.floor", "--decode", "server"], server_env()),
             Target(
                 "sqlite",
                 "sqlite",
@@ -588,30 +618,40 @@ def run(args: argparse.Namespace) -> int:
         for index, order in enumerate(orders):
             for server in servers:
                 result = run_round(
-                    server, segment, order, index, index == 0, pool, conns[server.target.name]
+                    server,
+                    segment,
+                    order,
+                    args.lone,
+                    index,
+                    index == 0,
+                    pool,
+                    conns[server.target.name],
                 )
                 rounds.append(result)
                 print(
                     f"  round {index}{' (warm-up)' if result.warmup else ''} "
                     f"{server.target.name:<10} {result.users_per_s:>9,.0f} users/s  "
-                    f"alone {result.lone_intermediate_ms:6.1f} ms  "
+                    f"alone {statistics.median(result.lone_intermediate_ms):6.1f} ms  "
                     f"completing {result.completing_ms:6.1f} ms",
                     flush=True,
                 )
 
     floor = summarize(targets[0], [r for r in rounds if r.target == "floor"], None)
-    summaries = [floor] + [
-        summarize(target, [r for r in rounds if r.target == target.name], floor)
-        for target in targets[1:]
+    floor2 = summarize(targets[1], [r for r in rounds if r.target == "floor2"], None)
+    summaries = [floor, floor2] + [
+        summarize(target, [r for r in rounds if r.target == target.name], floor, floor2)
+        for target in targets[2:]
     ]
     print()
     print(format_table(summaries))
     print(
         "\nusers/s: median over rounds of the concurrent part (lone batches excluded). "
         "p50/p99: latency of the concurrent batches.\nlast: the completing batch, sent alone; "
-        "alone: an intermediate batch sent alone just before it; medians over rounds."
+        "alone: intermediate batches sent one at a time just before it; medians over rounds.\n"
+        "x floor: SPEC §7's ratio, to a floor that decodes users with orjson.loads. x floor2: to "
+        "a floor that decodes them as the server does (msgspec, typed), i.e. the cost of storage."
     )
-    path = write_results(args, segment, summaries, rounds)
+    path = write_results(args, segment, summaries, rounds, load_at_start)
     print(f"\nresults: {path.relative_to(ROOT)}  ({time.perf_counter() - started:.0f} s)")
     return 0
 
