@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -22,18 +23,24 @@ from starlette.routing import Route
 
 from . import db, store
 from .auth import tenant_of
+from .delivery import SESSION_ENDED, Signal, Worker
+from .destinations import DestinationConfig
 from .errors import (
     APPLICATION_JSON,
     SUCCESS_BODY,
     AudienceError,
     InvalidField,
     NotFound,
+    ProviderErrors,
+    SyncTimeout,
     errors_body,
 )
 from .forms import read_form
 from .ingest import Outcome, receive_batch
-from .lifecycle import abort_session, expire_overdue
+from .lifecycle import abort_session, expire_overdue, purge_ended, retry_failed
 from .parsing import BatchUpload, Limits, parse_upload
+from .providers import Provider, configured_destinations
+from .retry import RetryPolicy
 from .settings import Settings
 from .status import STATES, decode_cursor, encode_cursor, session_view
 
@@ -46,12 +53,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+Destinations = Mapping[str, tuple[DestinationConfig, Provider]]
+
+
 @dataclass(frozen=True)
 class Context:
     settings: Settings
     engine: Engine
     clock: Clock
     limits: Limits
+    changes: Signal  # fired whenever a delivery or an assembly ends in this process
+    worker: Worker | None  # the in-process worker, when serve runs one
+    destinations: Destinations
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -79,7 +92,9 @@ def _log_batch(upload: BatchUpload, tenant: str, result: str, status: int) -> No
     )
 
 
-def _ingest(ctx: Context, tenant: str, fields: dict[str, str], query: Mapping[str, str]) -> Outcome:
+def _ingest(
+    ctx: Context, tenant: str, fields: dict[str, str], query: Mapping[str, str]
+) -> tuple[BatchUpload, Outcome]:
     upload = parse_upload(fields, query, ctx.limits)
     packed = store.pack_users(upload.users_json)
     try:
@@ -96,17 +111,55 @@ def _ingest(ctx: Context, tenant: str, fields: dict[str, str], query: Mapping[st
         _log_batch(upload, tenant, "rejected", exc.status)
         raise
     _log_batch(upload, tenant, outcome.result, outcome.error.status if outcome.error else 200)
-    return outcome
+    return upload, outcome
 
 
 async def post_audience(request: Request) -> Response:
     ctx = _context(request)
     tenant = tenant_of(request, ctx.settings.api_keys)
     fields = await read_form(request, ctx.settings.max_body_bytes)
-    outcome = await run_in_threadpool(_ingest, ctx, tenant, fields, request.query_params)
+    upload, outcome = await run_in_threadpool(_ingest, ctx, tenant, fields, request.query_params)
     if outcome.error is not None:
         raise outcome.error
+    if outcome.result == "completed" and ctx.worker is not None:
+        ctx.worker.wake()
+    # With no destination configured there is nothing to wait for.
+    waits = upload.sync and ctx.destinations and outcome.state not in ("receiving", "inconsistent")
+    if waits:
+        await _await_deliveries(ctx, tenant, upload.session_key)
     return Response(SUCCESS_BODY, 200, media_type=APPLICATION_JSON)
+
+
+def _delivery_state(ctx: Context, tenant: str, key: str) -> tuple[str, list[str]]:
+    with db.read_transaction(ctx.engine) as conn:
+        session = store.get_session(conn, tenant, key)
+        assert session is not None
+        failed = [
+            f"{row.destination}: {row.last_error or 'failed'}"
+            for row in store.deliveries_of(conn, tenant, key)
+            if row.state == "failed"
+        ]
+    return str(session.state), failed
+
+
+async def _await_deliveries(ctx: Context, tenant: str, key: str) -> None:
+    """Sync mode: wait until every delivery of the session has ended, within the limit."""
+    limit = ctx.settings.sync_timeout.total_seconds()
+    deadline = asyncio.get_running_loop().time() + limit
+    while True:
+        state, failed = await run_in_threadpool(_delivery_state, ctx, tenant, key)
+        if state in SESSION_ENDED or state == "aborted":
+            if failed:
+                raise ProviderErrors(*failed)
+            return
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise SyncTimeout(
+                f"Delivery of session {key} is still running after {limit:g} s; it goes on. "
+                f"Follow it at GET /audience/sessions/{key}."
+            )
+        # Woken at once by this process's worker; the timeout covers workers elsewhere.
+        await ctx.changes.wait(min(0.5, remaining))
 
 
 def _status(ctx: Context, tenant: str, key: str) -> dict[str, Any]:
@@ -115,7 +168,8 @@ def _status(ctx: Context, tenant: str, key: str) -> dict[str, Any]:
         if session is None:
             raise NotFound(f"session {key} does not exist.")
         sequences = store.received_sequences(conn, tenant, key)
-    return session_view(session, ctx.clock(), sequences)
+        deliveries = store.deliveries_of(conn, tenant, key)
+    return session_view(session, ctx.clock(), sequences, deliveries)
 
 
 async def get_session(request: Request) -> Response:
@@ -146,9 +200,13 @@ def _list(ctx: Context, tenant: str, query: Mapping[str, str]) -> dict[str, Any]
         rows = store.list_sessions(
             conn, tenant, now=now, limit=limit + 1, state=state, name=query.get("name"), after=after
         )
-    page = rows[:limit]
+        page = rows[:limit]
+        deliveries = store.deliveries_for(conn, page)
     return {
-        "sessions": [session_view(row, now) for row in page],
+        "sessions": [
+            session_view(row, now, None, deliveries.get((row.tenant, row.session_key), []))
+            for row in page
+        ],
         "nextCursor": encode_cursor(page[-1]) if len(rows) > limit else None,
     }
 
@@ -164,8 +222,9 @@ def _abort(ctx: Context, tenant: str, key: str) -> dict[str, Any]:
     with db.write_transaction(ctx.engine) as conn:
         session = abort_session(conn, tenant, key, now)
         sequences = store.received_sequences(conn, tenant, key)
+        deliveries = store.deliveries_of(conn, tenant, key)
     log.info("session aborted", extra={"sessionId": key, "tenant": tenant, "state": session.state})
-    return session_view(session, now, sequences)
+    return session_view(session, now, sequences, deliveries)
 
 
 async def delete_session(request: Request) -> Response:
@@ -173,6 +232,22 @@ async def delete_session(request: Request) -> Response:
     tenant = tenant_of(request, ctx.settings.api_keys)
     key = request.path_params["session_id"]
     return _json(await run_in_threadpool(_abort, ctx, tenant, key))
+
+
+def _retry(ctx: Context, tenant: str, key: str) -> list[str]:
+    with db.write_transaction(ctx.engine) as conn:
+        return retry_failed(conn, tenant, key, ctx.clock())
+
+
+async def retry_session(request: Request) -> Response:
+    ctx = _context(request)
+    tenant = tenant_of(request, ctx.settings.api_keys)
+    key = request.path_params["session_id"]
+    destinations = await run_in_threadpool(_retry, ctx, tenant, key)
+    log.info("deliveries re-queued", extra={"sessionId": key, "destinations": destinations})
+    if ctx.worker is not None:
+        ctx.worker.wake()
+    return _json({"sessionId": key, "retried": destinations}, 202)
 
 
 async def healthz(request: Request) -> Response:
@@ -229,22 +304,33 @@ async def _sweep_forever(ctx: Context) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            expired = await run_in_threadpool(sweep_once, ctx.engine, ctx.clock())
-            if expired:
-                log.info("sessions expired", extra={"count": expired})
+            expired, purged = await run_in_threadpool(
+                sweep_once, ctx.engine, ctx.clock(), ctx.settings.retention
+            )
+            if expired or purged:
+                log.info("sweep", extra={"expired": expired, "purged": purged})
         except Exception:
             log.exception("sweep failed; will try again")
 
 
-def sweep_once(engine: Engine, now: dt.datetime) -> int:
-    """Expire every overdue receiving session, in short transactions of 100."""
-    total = 0
-    while True:
-        with db.write_transaction(engine) as conn:
-            count = expire_overdue(conn, now)
-        total += count
-        if count == 0:
-            return total
+def sweep_once(
+    engine: Engine, now: dt.datetime, retention: dt.timedelta = dt.timedelta(days=7)
+) -> tuple[int, int]:
+    """Expire overdue receiving sessions and purge the users of sessions whose deliveries
+    ended ``retention`` ago, in short transactions of 100; returns both counts."""
+
+    def repeat(step: Callable[[Connection], int]) -> int:
+        total = 0
+        while True:
+            with db.write_transaction(engine) as conn:
+                count = step(conn)
+            total += count
+            if count == 0:
+                return total
+
+    expired = repeat(lambda conn: expire_overdue(conn, now))
+    purged = repeat(lambda conn: purge_ended(conn, now, retention))
+    return expired, purged
 
 
 def prepare_database(settings: Settings, engine: Engine) -> None:
@@ -257,34 +343,94 @@ def prepare_database(settings: Settings, engine: Engine) -> None:
         )
 
 
+def load_destinations(settings: Settings) -> Destinations:
+    return configured_destinations(
+        settings.destinations_path, explicit=settings.destinations_explicit, environ=os.environ
+    )
+
+
+def make_worker(
+    settings: Settings,
+    engine: Engine,
+    destinations: Destinations,
+    clock: Clock = utcnow,
+    changes: Signal | None = None,
+) -> Worker:
+    return Worker(
+        engine,
+        destinations,
+        clock=clock,
+        policy=RetryPolicy(
+            base=settings.retry_base.total_seconds(),
+            cap=settings.retry_cap.total_seconds(),
+            max_attempts=settings.delivery_max_attempts,
+        ),
+        segment_prefix=settings.segment_prefix,
+        lease=settings.lease,
+        poll_interval=settings.poll_interval.total_seconds(),
+        concurrency=settings.worker_concurrency,
+        changes=changes,
+    )
+
+
+async def run_worker(worker: Worker, stop: asyncio.Event, grace: float = 10.0) -> None:
+    """Run until ``stop``; then give work in hand ``grace`` seconds before cancelling it
+    (a cancelled delivery's lease lapses and another worker resumes it)."""
+    task = asyncio.create_task(worker.run(stop))
+    await stop.wait()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(
     settings: Settings,
     *,
     engine: Engine | None = None,
     clock: Clock = utcnow,
     sweeper: bool = True,
+    destinations: Destinations | None = None,
+    worker: bool | None = None,
 ) -> Starlette:
-    """The ASGI app. Tests pass their own engine and clock."""
+    """The ASGI app. Tests pass their own engine, clock and destinations."""
     own_engine = engine is None
     engine = engine if engine is not None else db.make_engine(settings.database_url)
+    if destinations is None:
+        destinations = load_destinations(settings)
+    changes = Signal()
+    run_in_process = settings.run_worker if worker is None else worker
     ctx = Context(
         settings=settings,
         engine=engine,
         clock=clock,
         limits=Limits(settings.max_batch_users, settings.max_total_batches),
+        changes=changes,
+        destinations=destinations,
+        worker=make_worker(settings, engine, destinations, clock, changes)
+        if run_in_process
+        else None,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(prepare_database, settings, ctx.engine)
-        task = asyncio.create_task(_sweep_forever(ctx)) if sweeper else None
+        stop = asyncio.Event()
+        sweeping = asyncio.create_task(_sweep_forever(ctx)) if sweeper else None
+        working = (
+            asyncio.create_task(run_worker(ctx.worker, stop)) if ctx.worker is not None else None
+        )
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            stop.set()
+            if sweeping is not None:
+                sweeping.cancel()
+            for task in (sweeping, working):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if own_engine:
                 ctx.engine.dispose()
 
@@ -294,6 +440,7 @@ def create_app(
             Route("/audience/sessions", list_sessions, methods=["GET"]),
             Route("/audience/sessions/{session_id}", get_session, methods=["GET"]),
             Route("/audience/sessions/{session_id}", delete_session, methods=["DELETE"]),
+            Route("/audience/sessions/{session_id}/retry", retry_session, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

@@ -5,11 +5,13 @@
     ├── CorruptedPayload     400      EdgeTag's wording, JSON
     ├── EmptyUsers           400      text/plain, EdgeTag's wording
     ├── InvalidField         400      one sentence per bad field
+    ├── ProviderErrors       400      sync mode: "<destination>: <message>" per failure
     ├── Unauthorized         401
     ├── NotFound             404
     ├── Conflict             409
     ├── SessionGone          410
-    └── PayloadTooLarge      413
+    ├── PayloadTooLarge      413
+    └── SyncTimeout          504      sync mode gave up waiting; delivery goes on
 
 The four EdgeTag-compatible bodies are reproduced byte for byte, so they are built here
 and nowhere else.
@@ -88,6 +90,10 @@ class InvalidField(AudienceError):
     """One or more fields have values the server cannot accept."""
 
 
+class ProviderErrors(AudienceError):
+    """Sync mode: one or more destinations failed."""
+
+
 class Unauthorized(AudienceError):
     """Missing or wrong API key."""
 
@@ -116,3 +122,9 @@ class PayloadTooLarge(AudienceError):
     """The body or the batch is over a configured limit."""
 
     status = 413
+
+
+class SyncTimeout(AudienceError):
+    """Sync mode waited its limit; the deliveries go on."""
+
+    status = 504

@@ -11,11 +11,11 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import msgspec
 import orjson
 from sqlalchemy import Connection
 
 from . import store
+from .assembly import canonical_digest
 from .errors import AudienceError, Conflict, SessionGone
 from .parsing import BatchUpload, decode_users
 from .sequencing import base_settled_by, fits_base, inconsistency
@@ -43,14 +43,15 @@ def effective_state(session: AnyRow, now: dt.datetime) -> str:
 def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
     if stored.digest == upload.digest:
         return True
-    if stored.users is None or stored.user_count != upload.user_count:
+    if stored.user_count != upload.user_count:
         return False
-
     # Same JSON value written differently (spacing, key order): still the same batch.
-    def canonical(users_json: bytes) -> bytes:
-        return msgspec.json.encode(decode_users(users_json), order="sorted")
-
-    return canonical(store.unpack_users(stored.users)) == canonical(upload.users_json)
+    mine = canonical_digest(decode_users(upload.users_json))
+    if stored.canonical_digest is not None:  # set by assembly; survives the purge
+        return bool(stored.canonical_digest == mine)
+    if stored.users is None:
+        return False
+    return canonical_digest(decode_users(store.unpack_users(stored.users))) == mine
 
 
 def _check_matches_session(session: AnyRow, upload: BatchUpload) -> None:

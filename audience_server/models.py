@@ -80,8 +80,16 @@ sessions = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime, nullable=True),
     Column("purged_at", UTCDateTime, nullable=True),
+    # Assembly: who holds the session while finding duplicates, and what it found.
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("unique_users", BigInteger, nullable=True),
+    Column(
+        "ended_at", UTCDateTime, nullable=True
+    ),  # every delivery ended; retention counts from here
     Index("ix_sessions_tenant_updated", "tenant", "updated_at", "session_key"),
     Index("ix_sessions_state_expires", "state", "expires_at"),
+    Index("ix_sessions_state_ended", "state", "ended_at"),
 )
 
 batches = Table(
@@ -95,7 +103,53 @@ batches = Table(
     Column("meta", Text, nullable=False),  # the batch object as sent, JSON
     Column("users", LargeBinary, nullable=True),  # the users field as sent; NULL once purged
     Column("received_at", UTCDateTime, nullable=False),
+    # Set by assembly: sha256 of the users in canonical JSON (recognises a re-send after a
+    # purge), and the indexes of users that repeat an earlier user of the session (JSON).
+    Column("canonical_digest", LargeBinary(32), nullable=True),
+    Column("duplicates", Text, nullable=True),
     ForeignKeyConstraint(["tenant", "session_key"], ["sessions.tenant", "sessions.session_key"]),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("session_key", String(128), primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("segment_name", String(255), nullable=False),
+    Column("state", String(16), nullable=False),  # pending, running, succeeded, failed
+    Column("attempts", Integer, nullable=False),
+    Column("budget_from", Integer, nullable=False),  # attempts already spent before a re-queue
+    Column("users_sent", BigInteger, nullable=False),
+    Column("invalid_users", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["tenant", "session_key"], ["sessions.tenant", "sessions.session_key"]),
+    Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("session_key", String(128), primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("worker", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("outcome", String(16), nullable=True),  # succeeded, retry, failed, interrupted
+    Column("http_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    ForeignKeyConstraint(
+        ["tenant", "session_key", "destination"],
+        ["deliveries.tenant", "deliveries.session_key", "deliveries.destination"],
+    ),
 )
 
 events = Table(

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 DEFAULT_DATABASE_URL = "sqlite:///./audience.db"
 
@@ -43,6 +44,15 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _boolean(name: str, raw: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+        raw.strip().lower()
+    )
+    if value is None:
+        raise SettingsError(f"{name}={raw!r} must be true or false")
+    return value
+
+
 def _api_keys(raw: str) -> dict[str, str]:
     """``key`` or ``tenant:key`` entries, comma separated -> {key: tenant}."""
     keys: dict[str, str] = {}
@@ -74,6 +84,18 @@ class Settings:
     sweep_interval: timedelta = timedelta(seconds=60)
     api_keys: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    destinations_path: Path = Path("destinations.toml")
+    destinations_explicit: bool = False  # named by AUDIENCE_DESTINATIONS: must exist
+    segment_prefix: str = "blotout_"
+    sync_timeout: timedelta = timedelta(seconds=120)
+    delivery_max_attempts: int = 10
+    retry_base: timedelta = timedelta(seconds=1)
+    retry_cap: timedelta = timedelta(minutes=5)
+    retention: timedelta = timedelta(days=7)
+    worker_concurrency: int = 4
+    lease: timedelta = timedelta(seconds=60)
+    poll_interval: timedelta = timedelta(seconds=1)
+    run_worker: bool = True  # serve runs the delivery worker in-process
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,6 +121,28 @@ class Settings:
             kwargs["api_keys"] = _api_keys(raw)
         if raw := env.get("AUDIENCE_LOG_LEVEL"):
             kwargs["log_level"] = raw.strip().upper()
+        if raw := env.get("AUDIENCE_DESTINATIONS"):
+            kwargs["destinations_path"] = Path(raw.strip())
+            kwargs["destinations_explicit"] = True
+        if (raw := env.get("AUDIENCE_SEGMENT_PREFIX")) is not None:
+            kwargs["segment_prefix"] = raw
+        durations = {
+            "AUDIENCE_SYNC_TIMEOUT": "sync_timeout",
+            "AUDIENCE_DELIVERY_RETRY_BASE": "retry_base",
+            "AUDIENCE_DELIVERY_RETRY_CAP": "retry_cap",
+            "AUDIENCE_RETENTION": "retention",
+            "AUDIENCE_WORKER_LEASE": "lease",
+            "AUDIENCE_WORKER_POLL": "poll_interval",
+        }
+        for name, attribute in durations.items():
+            if raw := env.get(name):
+                kwargs[attribute] = _duration(name, raw)
+        if raw := env.get("AUDIENCE_DELIVERY_MAX_ATTEMPTS"):
+            kwargs["delivery_max_attempts"] = _positive_int("AUDIENCE_DELIVERY_MAX_ATTEMPTS", raw)
+        if raw := env.get("AUDIENCE_WORKER_CONCURRENCY"):
+            kwargs["worker_concurrency"] = _positive_int("AUDIENCE_WORKER_CONCURRENCY", raw)
+        if raw := env.get("AUDIENCE_WORKER"):
+            kwargs["run_worker"] = _boolean("AUDIENCE_WORKER", raw)
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -31,8 +32,25 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
+def delivery_view(row: AnyRow) -> dict[str, Any]:
+    return {
+        "destination": row.destination,
+        "kind": row.kind,
+        "segmentName": row.segment_name,
+        "state": row.state,
+        "attempts": row.attempts,
+        "usersSent": row.users_sent,
+        "invalidUsers": row.invalid_users,
+        "lastError": row.last_error,
+        "updatedAt": _iso(row.updated_at),
+    }
+
+
 def session_view(
-    session: AnyRow, now: dt.datetime, sequences: list[int] | None = None
+    session: AnyRow,
+    now: dt.datetime,
+    sequences: list[int] | None = None,
+    deliveries: Sequence[AnyRow] = (),
 ) -> dict[str, Any]:
     """A session as SPEC §4 shows it; ``missingSequences`` only when ``sequences`` is given."""
     state = effective_state(session, now)
@@ -59,7 +77,7 @@ def session_view(
         createdAt=_iso(session.created_at),
         updatedAt=_iso(session.updated_at),
         expiresAt=_iso(session.expires_at) if state == "receiving" else None,
-        deliveries=[],
+        deliveries=[delivery_view(row) for row in deliveries],
     )
     return view
 

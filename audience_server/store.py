@@ -11,7 +11,7 @@ import zstandard
 from sqlalchemy import Connection, Row, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .models import batches, events, sessions
+from .models import batches, deliveries, events, sessions
 
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
 
@@ -61,9 +61,9 @@ def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> No
 
 
 def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> AnyRow | None:
-    stmt = select(batches.c.user_count, batches.c.digest, batches.c.users).where(
-        _batches_of(tenant, key), batches.c.sequence == sequence
-    )
+    stmt = select(
+        batches.c.user_count, batches.c.digest, batches.c.users, batches.c.canonical_digest
+    ).where(_batches_of(tenant, key), batches.c.sequence == sequence)
     return conn.execute(stmt).first()
 
 
@@ -159,3 +159,31 @@ def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> Seq
         .with_for_update(skip_locked=True)
     )
     return conn.execute(stmt).all()
+
+
+def deliveries_of(conn: Connection, tenant: str, key: str) -> Sequence[AnyRow]:
+    stmt = (
+        select(deliveries)
+        .where(deliveries.c.tenant == tenant, deliveries.c.session_key == key)
+        .order_by(deliveries.c.destination)
+    )
+    return conn.execute(stmt).all()
+
+
+def deliveries_for(
+    conn: Connection, sessions_page: Sequence[AnyRow]
+) -> dict[tuple[str, str], list[AnyRow]]:
+    """The deliveries of a page of sessions, in one query."""
+    found: dict[tuple[str, str], list[AnyRow]] = {}
+    if not sessions_page:
+        return found
+    tenant = sessions_page[0].tenant
+    keys = [row.session_key for row in sessions_page]
+    stmt = (
+        select(deliveries)
+        .where(deliveries.c.tenant == tenant, deliveries.c.session_key.in_(keys))
+        .order_by(deliveries.c.destination)
+    )
+    for row in conn.execute(stmt):
+        found.setdefault((row.tenant, row.session_key), []).append(row)
+    return found

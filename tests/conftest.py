@@ -127,7 +127,10 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings, engine: Engine, clock: FakeClock) -> Iterator[TestClient]:
-    app = create_app(settings, engine=engine, clock=clock, sweeper=False)
+    """The app without a delivery worker: sessions stop at ``complete``."""
+    app = create_app(
+        settings, engine=engine, clock=clock, sweeper=False, destinations={}, worker=False
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 

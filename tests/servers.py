@@ -24,8 +24,14 @@ class ServerProcess:
     """``audience-server serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, database_url: str, log_path: Path, **env: str) -> None:
+        """``env`` adds AUDIENCE_* variables; by default no worker runs and no destination is
+        configured (an empty destinations file beside the log)."""
         self.database_url = database_url
         self.log_path = log_path
+        if "AUDIENCE_DESTINATIONS" not in env:
+            empty = log_path.parent / "no-destinations.toml"
+            empty.touch()
+            env = {"AUDIENCE_DESTINATIONS": str(empty), "AUDIENCE_WORKER": "false", **env}
         self.env = env
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None

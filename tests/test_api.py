@@ -157,7 +157,9 @@ def test_body_over_limit_is_413(engine: Engine, clock: FakeClock, database_url: 
     from audience_server.settings import Settings
 
     settings = Settings(database_url=database_url, max_body_bytes=10_000, max_batch_users=5)
-    with TestClient(create_app(settings, engine=engine, clock=clock, sweeper=False)) as client:
+    with TestClient(
+        create_app(settings, engine=engine, clock=clock, sweeper=False, destinations={})
+    ) as client:
         big = form(1, 1, 1, 200, make_users(200))
         response = send(client, big)
         assert response.status_code == 413
@@ -404,7 +406,9 @@ def test_api_keys_guard_everything_but_healthz(
     from audience_server.settings import Settings
 
     settings = Settings(database_url=database_url, api_keys={"k1": "acme", "k2": "globex"})
-    with TestClient(create_app(settings, engine=engine, clock=clock, sweeper=False)) as client:
+    with TestClient(
+        create_app(settings, engine=engine, clock=clock, sweeper=False, destinations={})
+    ) as client:
         assert client.get("/healthz").status_code == 200
         for path in ("/readyz", "/audience/sessions", "/audience/sessions/1"):
             assert client.get(path).status_code == 401

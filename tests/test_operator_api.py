@@ -136,12 +136,12 @@ def test_sweeper_expires_overdue_sessions_and_purges_users(
     clock.advance(hours=12)
     upload(client, "busy", [2], 3)
     clock.advance(hours=12)
-    assert sweep_once(engine, clock()) == 1  # busy has 12 hours left; whole is complete
+    assert sweep_once(engine, clock()) == (1, 0)  # busy has 12 hours left; whole is complete
     assert stored_users(engine, "idle") == [None]
     assert all(stored_users(engine, "busy")) and all(stored_users(engine, "whole"))
     body = client.get("/audience/sessions/idle").json()
     assert (body["state"], body["reason"]) == ("expired", "no batch arrived within the session TTL")
-    assert sweep_once(engine, clock()) == 0
+    assert sweep_once(engine, clock()) == (0, 0)
 
 
 def test_healthz_and_readyz(client: TestClient) -> None:
@@ -164,7 +164,9 @@ def test_readyz_reports_a_schema_behind_head(client: TestClient, engine: Engine)
 
 def test_readyz_reports_an_unreachable_database(tmp_path: Any) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path}/missing/dir/audience.db")
-    client = TestClient(create_app(settings, sweeper=False))  # no lifespan: nothing prepared
+    client = TestClient(
+        create_app(settings, sweeper=False, destinations={})
+    )  # no lifespan: nothing prepared
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "reason": "database unreachable"}

@@ -1,0 +1,112 @@
+"""What every provider is: one async method that delivers a chunk of a segment.
+
+    DeliveryError              the delivery stops this attempt
+    ├── RetryableError         408, 429, 5xx, timeouts, connection errors: try again later
+    └── PermanentError         anything else: the delivery fails now
+
+Providers translate their platform's errors (and httpx's) into these at their edge; the
+dispatcher never sees a foreign exception type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class Segment:
+    """One delivery attempt of a session to a destination; ``state`` is the provider's
+    scratch space for this attempt (an audience id, an upload session, a temp file)."""
+
+    destination: str
+    tenant: str
+    session_id: str
+    name: str  # the trimmed name the client sent
+    segment_name: str  # the name at the destination (prefix rules applied)
+    type: str  # custom | primary
+    total_users: int  # users this attempt will send (duplicates removed)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int  # from 1
+    last: bool
+    users: Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    invalid: int = 0  # users the destination could not use
+    status: int | None = None  # HTTP status of the platform's answer, when there is one
+
+
+class DeliveryError(Exception):
+    """The attempt stopped; ``str()`` is a short reason safe to show operators."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableError(DeliveryError):
+    """Worth trying again later, no sooner than ``retry_after`` seconds when given."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class PermanentError(DeliveryError):
+    """Trying again will not help (bad request, auth, permissions)."""
+
+
+class Provider(Protocol):
+    """A configured destination. ``chunk_size`` is the most users one ``send`` takes."""
+
+    chunk_size: int
+
+    async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
+        """Deliver one chunk; chunks of an attempt come in order, the last flagged."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; called when the worker stops."""
+        ...
+
+
+def retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def positive_int_option(options: Mapping[str, Any], name: str, default: int, high: int) -> int:
+    """An integer option in 1..high; raises OptionError naming it otherwise."""
+    from ..destinations import OptionError
+
+    value = options.get(name, default)
+    if type(value) is not int or not 1 <= value <= high:
+        raise OptionError(name, f"must be an integer from 1 to {high}")
+    return value
