@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from .destinations import DestinationsError
 from .settings import Settings, SettingsError
 
 
@@ -17,7 +18,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .logs import configure
 
     settings = dataclasses.replace(
-        settings, host=args.host or settings.host, port=args.port or settings.port
+        settings,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        run_worker=settings.run_worker and not args.no_worker,
     )
     configure(settings.log_level)
     config = uvicorn.Config(
@@ -31,6 +35,34 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from . import db
+    from .app import load_destinations, make_worker, prepare_database, run_worker
+    from .logs import configure
+
+    configure(settings.log_level)
+    destinations = load_destinations(settings)
+    engine = db.make_engine(settings.database_url)
+    try:
+        prepare_database(settings, engine)
+        worker = make_worker(settings, engine, destinations)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await run_worker(worker, stop, grace=30.0)
+
+        asyncio.run(main())
+    finally:
+        engine.dispose()
+    return 0
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -53,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server (AUDIENCE_HOST, AUDIENCE_PORT)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="do not run the delivery worker in this process (AUDIENCE_WORKER=false)",
+    )
     serve.set_defaults(run=_serve)
+    worker = commands.add_parser(
+        "worker", help="run only the delivery worker (any number may share one database)"
+    )
+    worker.set_defaults(run=_worker)
     migrate = commands.add_parser(
         "migrate", help="bring the database schema to the newest revision"
     )
@@ -70,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.run(settings, args)
-    except RuntimeError as exc:
+    except (RuntimeError, DestinationsError) as exc:
         print(f"audience-server: {exc}", file=sys.stderr)
         return 1
     return code
