@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from httpx2 import Response
 from starlette.testclient import TestClient
@@ -43,3 +45,16 @@ def errors(response: Response) -> list[str]:
     body = response.json()
     assert body["success"] is False
     return list(body["errors"])
+
+
+T = TypeVar("T")
+
+
+def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 15.0) -> T:
+    """Re-read until ``done`` holds: for state another thread or process moves on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)  # polling interval, not a guess at how long the work takes
