@@ -53,6 +53,10 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         worker = make_worker(settings, engine, destinations)
 
         async def main() -> None:
+            if args.drain:
+                await worker.drain()
+                await worker.close()
+                return
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     worker = commands.add_parser(
         "worker", help="run only the delivery worker (any number may share one database)"
+    )
+    worker.add_argument(
+        "--drain", action="store_true", help="do the work waiting now, then exit (for cron, tests)"
     )
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser(

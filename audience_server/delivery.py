@@ -133,8 +133,12 @@ class Worker:
         try:
             await asyncio.gather(*(self._lane(stop) for _ in range(self.concurrency)))
         finally:
-            for _, provider in self.destinations.values():
-                await provider.aclose()
+            await self.close()
+
+    async def close(self) -> None:
+        """Release the providers' connections."""
+        for _, provider in self.destinations.values():
+            await provider.aclose()
 
     async def _lane(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -163,7 +167,8 @@ class Worker:
         return False
 
     async def drain(self) -> None:
-        """Run work until none is left (tests and one-shot tools)."""
+        """Run work until none is ready now (one-shot runs). A delivery waiting to be
+        retried later is left for a later run."""
         while await self.step():
             pass
 
