@@ -13,7 +13,11 @@ from .base import Provider
 
 # kind -> "module:Class"; a module is imported only when a destination of its kind exists.
 REGISTRY: dict[str, str] = {
+    "facebook": "audience_server.providers.facebook:FacebookProvider",
     "file": "audience_server.providers.file:FileProvider",
+    "google": "audience_server.providers.google:GoogleProvider",
+    "klaviyo": "audience_server.providers.klaviyo:KlaviyoProvider",
+    "tiktok": "audience_server.providers.tiktok:TikTokProvider",
     "webhook": "audience_server.providers.webhook:WebhookProvider",
 }
 
