@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Select, and_, insert, or_, select, update
 
 from . import db, store
 from .assembly import UsersPurged, chunked, find_duplicates, unique_users
@@ -176,17 +176,19 @@ class Worker:
 
     def _claim_assembly(self) -> tuple[str, str] | None:
         now = self.clock()
+        query = (
+            select(sessions.c.tenant, sessions.c.session_key)
+            .where(
+                sessions.c.state == "complete",
+                or_(sessions.c.lease_expires_at.is_(None), sessions.c.lease_expires_at < now),
+            )
+            .order_by(sessions.c.completed_at)
+            .limit(1)
+        )
+        if not self._any(query):
+            return None
         with db.write_transaction(self.engine) as conn:
-            row = conn.execute(
-                select(sessions.c.tenant, sessions.c.session_key)
-                .where(
-                    sessions.c.state == "complete",
-                    or_(sessions.c.lease_expires_at.is_(None), sessions.c.lease_expires_at < now),
-                )
-                .order_by(sessions.c.completed_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
+            row = conn.execute(query.with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
             store.update_session(
@@ -253,22 +255,30 @@ class Worker:
 
     # --- deliveries -----------------------------------------------------------------
 
+    def _any(self, query: Select[Any]) -> bool:
+        """A cheap look without locks: an idle worker polling must not take SQLite's
+        write lock (or PostgreSQL row locks) each time it finds nothing."""
+        with db.read_transaction(self.engine) as conn:
+            return conn.execute(query).first() is not None
+
     def _claim_delivery(self) -> Claim | None:
         now = self.clock()
+        query = (
+            select(deliveries)
+            .where(
+                deliveries.c.destination.in_(list(self.destinations)),
+                or_(
+                    and_(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now),
+                    and_(deliveries.c.state == "running", deliveries.c.lease_expires_at < now),
+                ),
+            )
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(1)
+        )
+        if not self._any(query):
+            return None
         with db.write_transaction(self.engine) as conn:
-            row = conn.execute(
-                select(deliveries)
-                .where(
-                    deliveries.c.destination.in_(list(self.destinations)),
-                    or_(
-                        and_(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now),
-                        and_(deliveries.c.state == "running", deliveries.c.lease_expires_at < now),
-                    ),
-                )
-                .order_by(deliveries.c.next_attempt_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
+            row = conn.execute(query.with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
             pk = (row.tenant, row.session_key, row.destination)
