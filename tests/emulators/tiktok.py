@@ -1,0 +1,448 @@
+"""A TikTok API for Business emulator on 127.0.0.1: the audience calls of the streaming
+"segment" API, as strict as TikTok, keeping each advertiser's audiences and their members.
+
+    with TikTokEmulator({"tok-1": ["7000000000000000001"]}) as tiktok:
+        tiktok.respond_with_code(40100, times=2)        # throttled twice
+        ...  # a tiktok destination with base_url=tiktok.base_url, access_token="tok-1"
+        assert tiktok.members("7000000000000000001", "blotout_x") == {"EMAIL_SHA256": {...}}
+
+Served (under ``/open_api/v1.3/``): ``GET dmp/custom_audience/list/``, ``POST
+segment/audience/`` (``action`` create or delete), ``POST segment/mapping/`` (``action`` add
+or delete). Like TikTok, every answer is HTTP 200 with ``{"code", "message", "request_id",
+"data"}``: 40104/40105 for a missing or wrong ``Access-Token``, 40001 for an advertiser the
+token may not operate, 40002 ("Parameter error: …") for anything malformed. Only an unknown
+path (404), a wrong method (405) or a scripted raw status answer otherwise. A request is
+checked whole before anything changes; scripted answers replace the reply of a request that
+passed every check, so it changes nothing.
+
+The batch limit (``max_batch`` rows of batch_data, default 1,000) and the 128-character name
+limit are this emulator's assumptions: TikTok documents no row limit for segment/mapping,
+and 128 is the limit of its customer-file audiences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qs
+
+from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
+
+PREFIX = "/open_api/v1.3/"
+LIST = "dmp/custom_audience/list/"
+AUDIENCE = "segment/audience/"
+MAPPING = "segment/mapping/"
+_METHODS = {LIST: "GET", AUDIENCE: "POST", MAPPING: "POST"}
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+ID_TYPES: dict[str, re.Pattern[str]] = {
+    "EMAIL_SHA256": _SHA256,
+    "PHONE_SHA256": _SHA256,
+    "IDFA_SHA256": _SHA256,
+    "AAID_SHA256": _SHA256,
+    "IDFA_MD5": _MD5,
+    "AAID_MD5": _MD5,
+}
+MAX_NAME = 128
+MAX_PAGE_SIZE = 100
+MESSAGES = {
+    40001: "No permission to operate this advertiser.",
+    40002: "Parameter error.",
+    40100: "Too many requests. Please retry in some time.",
+    50000: "Internal service error. Please retry later.",
+}
+
+
+class ApiError(Exception):
+    """An answer with a non-zero TikTok code (still HTTP 200)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _param(message: str) -> ApiError:
+    return ApiError(40002, f"Parameter error: {message}")
+
+
+@dataclass
+class Audience:
+    """One audience of an advertiser, its members kept as TikTok gets them: digests."""
+
+    audience_id: str
+    name: str
+    created_at: float
+    members: dict[str, set[str]] = field(default_factory=dict)  # id type -> digests
+
+    def copy(self) -> Audience:
+        members = {kind: set(values) for kind, values in self.members.items()}
+        return Audience(self.audience_id, self.name, self.created_at, members)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request and how it was answered (``code`` None for a raw HTTP answer)."""
+
+    method: str
+    endpoint: str  # the path after /open_api/v1.3/
+    query: Mapping[str, str]
+    body: Any
+    http_status: int
+    code: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class _Scripted:
+    endpoint: str | None
+    code: int | None = None  # an envelope answer…
+    message: str = ""
+    status: int = 200  # …or a raw HTTP one
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class TikTokEmulator:
+    """TikTok's audience API for the advertisers each access token may operate."""
+
+    def __init__(
+        self,
+        accounts: Mapping[str, Iterable[str]],
+        *,
+        max_batch: int = 1_000,
+        max_body_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.tokens = {token: frozenset(ids) for token, ids in accounts.items()}
+        self.max_batch = max_batch
+        self.max_body_bytes = max_body_bytes
+        self._lock = threading.RLock()
+        self._audiences: dict[str, list[Audience]] = {
+            advertiser: [] for ids in self.tokens.values() for advertiser in ids
+        }
+        self._ids = itertools.count(7_400_000_000_000_000_001)
+        self._request_ids = itertools.count(1)
+        self._scripted: deque[_Scripted] = deque()
+        self._calls: list[Call] = []
+        self._server = LoopbackServer(self._handle, name="tiktok-emulator")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def close(self) -> None:
+        self._server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def base_url(self) -> str:
+        """The ``base_url`` option of a destination that talks to this emulator."""
+        return self._server.base_url
+
+    # -- scripting ---------------------------------------------------------------------------
+
+    def respond_with_code(
+        self, code: int, times: int = 1, message: str | None = None, endpoint: str | None = None
+    ) -> None:
+        """Answer the next ``times`` valid requests (to ``endpoint``, e.g. ``MAPPING``, or
+        any) with the envelope ``code``: 40100 throttled, 5xxxx server error, 4xxxx refusal."""
+        text = message or MESSAGES.get(code, f"Error {code}.")
+        with self._lock:
+            self._scripted.extend([_Scripted(endpoint, code, text)] * times)
+
+    def respond_with_status(
+        self,
+        status: int,
+        times: int = 1,
+        retry_after: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` valid requests with a raw HTTP ``status`` (a gateway's
+        429 or 500, not TikTok's envelope)."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        with self._lock:
+            self._scripted.extend([_Scripted(endpoint, status=status, headers=headers)] * times)
+
+    def add_audience(self, advertiser_id: str, name: str) -> str:
+        """Create an audience as Ads Manager would; returns its id."""
+        with self._lock:
+            return self._create(advertiser_id, name).audience_id
+
+    def delete_audience(self, advertiser_id: str, audience_id: str) -> None:
+        """Delete an audience as Ads Manager would."""
+        with self._lock:
+            self._audiences[advertiser_id] = [
+                a for a in self._audiences[advertiser_id] if a.audience_id != audience_id
+            ]
+
+    # -- what it holds -----------------------------------------------------------------------
+
+    def audiences(self, advertiser_id: str) -> list[Audience]:
+        """The advertiser's audiences, oldest first (copies)."""
+        with self._lock:
+            return [audience.copy() for audience in self._audiences[advertiser_id]]
+
+    def audience(self, advertiser_id: str, name: str) -> Audience:
+        """The one audience named ``name``; AssertionError when there is none or several."""
+        named = [a for a in self.audiences(advertiser_id) if a.name == name]
+        if len(named) != 1:
+            raise AssertionError(f"{len(named)} audiences named {name!r} at {advertiser_id}")
+        return named[0]
+
+    def members(self, advertiser_id: str, name: str) -> dict[str, set[str]]:
+        """The member digests, by id type, of the one audience named ``name``."""
+        return {k: v for k, v in self.audience(advertiser_id, name).members.items() if v}
+
+    @property
+    def calls(self) -> list[Call]:
+        """Every request that reached a known endpoint, in arrival order."""
+        with self._lock:
+            return list(self._calls)
+
+    def calls_to(self, endpoint: str, code: int | None = 0) -> list[Call]:
+        """Requests to ``endpoint`` answered with ``code`` (0: the successful ones)."""
+        return [c for c in self.calls if c.endpoint == endpoint and c.code == code]
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _handle(self, incoming: Incoming) -> Reply:
+        if not incoming.path.startswith(PREFIX) or incoming.path[len(PREFIX) :] not in _METHODS:
+            raise HttpError(404, f"no API at {incoming.path}")
+        endpoint = incoming.path[len(PREFIX) :]
+        if incoming.method != _METHODS[endpoint]:
+            raise HttpError(405, f"{incoming.method} not allowed on {incoming.path}")
+        framed = "content-length" in incoming.headers or "transfer-encoding" in incoming.headers
+        if incoming.method == "GET" and not framed:
+            raw = incoming.body = b""  # a GET has no body; the connection stays usable
+        else:
+            raw = incoming.read_body(self.max_body_bytes)
+        query = {key: values[-1] for key, values in parse_qs(incoming.query).items()}
+        body: Any = None
+        with self._lock:
+            try:
+                advertisers = self._authenticate(incoming.headers.get("access-token"))
+                if endpoint == LIST:
+                    apply = self._list(advertisers, query)
+                else:
+                    body = self._json(incoming, raw)
+                    check = self._audience if endpoint == AUDIENCE else self._mapping
+                    apply = check(advertisers, body)
+                scripted = self._take_scripted(endpoint)
+                if scripted is not None and scripted.code is None:
+                    self._record(incoming, endpoint, query, body, scripted.status, None, "")
+                    text = f"scripted HTTP {scripted.status}".encode()
+                    return Reply(scripted.status, text, "text/plain", scripted.headers)
+                if scripted is not None:
+                    assert scripted.code is not None
+                    raise ApiError(scripted.code, scripted.message)
+                data = apply()
+            except ApiError as exc:
+                self._record(incoming, endpoint, query, body, 200, exc.code, exc.message)
+                return self._envelope(exc.code, exc.message, None)
+            self._record(incoming, endpoint, query, body, 200, 0, "OK")
+            return self._envelope(0, "OK", data)
+
+    def _envelope(self, code: int, message: str, data: Any) -> Reply:
+        request_id = f"20261128120000{next(self._request_ids):012d}"
+        envelope = {"code": code, "message": message, "request_id": request_id, "data": data or {}}
+        return Reply(200, json.dumps(envelope).encode())
+
+    def _record(
+        self,
+        incoming: Incoming,
+        endpoint: str,
+        query: Mapping[str, str],
+        body: Any,
+        status: int,
+        code: int | None,
+        message: str,
+    ) -> None:
+        self._calls.append(Call(incoming.method, endpoint, query, body, status, code, message))
+
+    def _take_scripted(self, endpoint: str) -> _Scripted | None:
+        for index, scripted in enumerate(self._scripted):
+            if scripted.endpoint in (None, endpoint):
+                del self._scripted[index]
+                return scripted
+        return None
+
+    def _authenticate(self, token: str | None) -> frozenset[str]:
+        if not token:
+            raise ApiError(40104, "Access token is null, please check your access token.")
+        if token not in self.tokens:
+            raise ApiError(40105, "Access token is incorrect or has been revoked.")
+        return self.tokens[token]
+
+    def _advertiser(self, advertisers: frozenset[str], value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.isdigit():
+            raise _param(f"{key} must be a string of digits")
+        if value not in advertisers:
+            raise ApiError(40001, f"No permission to operate advertiser {value}.")
+        return value
+
+    @staticmethod
+    def _json(incoming: Incoming, raw: bytes) -> dict[str, Any]:
+        media_type = incoming.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise _param("Content-Type must be application/json")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise _param("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _param("the body must be a JSON object")
+        return body
+
+    def _list(self, advertisers: frozenset[str], query: Mapping[str, str]) -> Any:
+        advertiser = self._advertiser(advertisers, query.get("advertiser_id"), "advertiser_id")
+        page = _int_param(query, "page", 1, 1, 10**6)
+        size = _int_param(query, "page_size", 10, 1, MAX_PAGE_SIZE)
+
+        def apply() -> dict[str, Any]:
+            audiences = self._audiences[advertiser]
+            shown = audiences[(page - 1) * size : page * size]
+            return {
+                "list": [_listed(a) for a in shown],
+                "page_info": {
+                    "page": page,
+                    "page_size": size,
+                    "total_number": len(audiences),
+                    "total_page": (len(audiences) + size - 1) // size,
+                },
+            }
+
+        return apply
+
+    def _audience(self, advertisers: frozenset[str], body: dict[str, Any]) -> Any:
+        advertiser = self._advertiser(advertisers, body.get("advertiser_id"), "advertiser_id")
+        action = body.get("action")
+        if action == "create":
+            name = body.get("custom_audience_name")
+            if not isinstance(name, str) or not name.strip():
+                raise _param("custom_audience_name is required")
+            if len(name) > MAX_NAME:
+                raise _param(f"custom_audience_name is longer than {MAX_NAME} characters")
+            return lambda: {"audience_id": self._create(advertiser, name).audience_id}
+        if action == "delete":
+            audience_id = body.get("audience_id")
+            owned = {a.audience_id for a in self._audiences[advertiser]}
+            if not isinstance(audience_id, str) or audience_id not in owned:
+                raise _param("invalid audience ID")
+            return lambda: self.delete_audience(advertiser, audience_id)
+        raise _param("action must be one of create, delete")
+
+    def _mapping(self, advertisers: frozenset[str], body: dict[str, Any]) -> Any:
+        ids = body.get("advertiser_ids")
+        if not isinstance(ids, list) or not ids:
+            raise _param("advertiser_ids must be a non-empty list")
+        owned = {
+            a.audience_id: a
+            for advertiser in (self._advertiser(advertisers, i, "advertiser_ids") for i in ids)
+            for a in self._audiences[advertiser]
+        }
+        action = body.get("action")
+        if action not in ("add", "delete"):
+            raise _param("action must be one of add, delete")
+        schema = body.get("id_schema")
+        if not isinstance(schema, list) or not schema:
+            raise _param("id_schema must be a non-empty list")
+        for kind in schema:
+            if kind not in ID_TYPES:
+                raise _param(f"id_schema: {kind!r} is not one of {', '.join(ID_TYPES)}")
+        if len(set(schema)) != len(schema):
+            raise _param("id_schema has a repeated id type")
+        rows = body.get("batch_data")
+        if not isinstance(rows, list) or not rows:
+            raise _param("batch_data must be a non-empty list")
+        if len(rows) > self.max_batch:
+            raise _param(f"batch_data has {len(rows)} rows; at most {self.max_batch} allowed")
+        changes: list[tuple[Audience, str, str]] = []
+        for number, row in enumerate(rows):
+            where = f"batch_data[{number}]"
+            if not isinstance(row, list) or len(row) != len(schema):
+                raise _param(f"{where} must be a list of {len(schema)} items, as id_schema")
+            if all(cell == {} for cell in row):
+                raise _param(f"{where} has no id")
+            for kind, cell in zip(schema, row, strict=True):
+                changes.extend(self._cell(cell, kind, owned, where))
+
+        def apply() -> None:
+            for audience, kind, value in changes:
+                members = audience.members.setdefault(kind, set())
+                if action == "add":
+                    members.add(value)
+                else:
+                    members.discard(value)
+
+        return apply
+
+    @staticmethod
+    def _cell(
+        cell: Any, kind: str, owned: Mapping[str, Audience], where: str
+    ) -> list[tuple[Audience, str, str]]:
+        if not isinstance(cell, dict):
+            raise _param(f"{where}: each item must be an object")
+        if cell == {}:
+            return []
+        if set(cell) != {"id", "audience_ids"}:
+            raise _param(f"{where}: an item has exactly the keys id and audience_ids")
+        value, audience_ids = cell["id"], cell["audience_ids"]
+        if not isinstance(value, str) or not ID_TYPES[kind].fullmatch(value):
+            raise _param(f"{where}: invalid {kind} id (lowercase hex digest expected)")
+        if not isinstance(audience_ids, list) or not audience_ids:
+            raise _param(f"{where}: audience_ids must be a non-empty list")
+        changes = []
+        for audience_id in audience_ids:
+            if not isinstance(audience_id, str) or audience_id not in owned:
+                raise _param("invalid audience ID")
+            changes.append((owned[audience_id], kind, value))
+        return changes
+
+    def _create(self, advertiser: str, name: str) -> Audience:
+        audience = Audience(str(next(self._ids)), name, time.time())
+        self._audiences[advertiser].append(audience)
+        return audience
+
+
+def _int_param(query: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise _param(f"{key} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _listed(audience: Audience) -> dict[str, Any]:
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(audience.created_at))
+    return {
+        "audience_id": audience.audience_id,
+        "name": audience.name,
+        "audience_type": "Partner Audience",
+        "cover_num": sum(len(values) for values in audience.members.values()),
+        "is_valid": True,
+        "is_expiring": False,
+        "shared": False,
+        "create_time": created,
+        "calculate_type": None,
+    }
