@@ -5,8 +5,9 @@ normalized string, or None when the value cannot be used (the adapter then count
 user as invalid if nothing usable is left). Platform-specific choices (gmail dots, the
 ``+`` on phones, what is hashed) are the adapters' to make, through the parameters here.
 
-A value that already is a SHA-256 hex digest is passed through by :func:`hash_value`, not
-hashed twice: clients often send pre-hashed emails and phones.
+A value that already is a SHA-256 hex digest is passed through (lowercased) by every
+function here and by :func:`hash_value`, never hashed twice: clients often send
+pre-hashed emails and phones.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def email(value: object, *, dots: DotRule = "keep", drop_plus: bool = False) -> 
 def phone_e164(value: object, country: str | None = None) -> str | None:
     """``+14155550100``: the number in E.164. A national number needs ``country`` (ISO
     alpha-2) for its calling code; digits without ``+`` and without a country are read as
-    already international. Numbers that cannot be valid are None."""
+    already international. Numbers that cannot be valid are None. A SHA-256 digest is
+    returned lowercased (it was normalized before it was hashed, one hopes)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -86,6 +88,8 @@ def phone_e164(value: object, country: str | None = None) -> str | None:
     text = _text(value)
     if text is None:
         return None
+    if is_sha256(text):
+        return text.lower()
     region = country.strip().upper() if country and _COUNTRY.fullmatch(country.strip()) else None
     candidates = [text]
     if not text.startswith("+"):
@@ -109,7 +113,9 @@ def phone_e164(value: object, country: str | None = None) -> str | None:
 def phone_digits(value: object, country: str | None = None) -> str | None:
     """E.164 without the ``+`` (``14155550100``), as Meta and TikTok match phones."""
     e164 = phone_e164(value, country)
-    return None if e164 is None else e164[1:]
+    if e164 is None or not e164.startswith("+"):
+        return e164  # None, or a digest passed through
+    return e164[1:]
 
 
 def name(value: object) -> str | None:
@@ -118,6 +124,8 @@ def name(value: object) -> str | None:
     text = _text(value)
     if text is None:
         return None
+    if is_sha256(text):
+        return text.lower()
     text = unicodedata.normalize("NFC", text.lower())
     kept = "".join(ch for ch in text if unicodedata.category(ch).startswith(("L", "M")))
     return kept or None
@@ -138,6 +146,8 @@ def postal_code(value: object, country_code: str | None = None) -> str | None:
     text = _text(value)
     if text is None:
         return None
+    if is_sha256(text):
+        return text.lower()
     text = _WHITESPACE.sub("", text).lower()
     us = country_code is None or country_code.strip().lower() == "us"
     if us and (match := _US_ZIP.fullmatch(text)):

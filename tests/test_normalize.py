@@ -38,6 +38,8 @@ def test_already_hashed_values_are_not_hashed_twice() -> None:
     assert n.is_sha256(digest) and n.is_sha256(digest.upper())
     assert n.hash_value(digest.upper()) == digest
     assert n.email(digest.upper()) == digest
+    assert n.phone_e164(digest) == n.phone_digits(digest.upper()) == digest
+    assert n.name(digest) == n.postal_code(digest, "US") == digest
     assert not n.is_sha256(digest[:-1]) and not n.is_sha256(digest + "0")
 
 
