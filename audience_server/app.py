@@ -367,6 +367,7 @@ def make_worker(
         ),
         segment_prefix=settings.segment_prefix,
         lease=settings.lease,
+        chunk_timeout=settings.chunk_timeout,
         poll_interval=settings.poll_interval.total_seconds(),
         concurrency=settings.worker_concurrency,
         changes=changes,

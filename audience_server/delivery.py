@@ -31,7 +31,15 @@ from . import db, store
 from .assembly import UsersPurged, chunked, find_duplicates, unique_users
 from .destinations import DestinationConfig
 from .models import deliveries, delivery_attempts, sessions
-from .providers.base import DeliveryError, PermanentError, Provider, RetryableError, Segment
+from .providers.base import (
+    Chunk,
+    ChunkResult,
+    DeliveryError,
+    PermanentError,
+    Provider,
+    RetryableError,
+    Segment,
+)
 from .retry import RetryPolicy
 
 log = logging.getLogger("audience_server.delivery")
@@ -109,6 +117,7 @@ class Worker:
         concurrency: int = 4,
         changes: Signal | None = None,
         scratch_dir: str | None = None,
+        chunk_timeout: dt.timedelta = dt.timedelta(minutes=10),
     ) -> None:
         self.engine = engine
         self.destinations = destinations
@@ -120,6 +129,7 @@ class Worker:
         self.concurrency = concurrency
         self.changes = changes or Signal()
         self.scratch_dir = scratch_dir
+        self.chunk_timeout = chunk_timeout.total_seconds()
         self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = Signal()
 
@@ -375,7 +385,7 @@ class Worker:
         )
         sent = invalid = 0
         status: int | None = None
-        timeout = max(1.0, self.lease.total_seconds() / 2)
+        timeout = self.chunk_timeout
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
@@ -389,9 +399,14 @@ class Worker:
                     raise PermanentError(stop)
                 try:
                     async with asyncio.timeout(timeout):
-                        result = await provider.send(segment, chunk)
+                        result = await self._send_keeping_lease(
+                            provider, segment, chunk, claim, sent, invalid
+                        )
                 except TimeoutError:
-                    raise RetryableError(f"no answer within {timeout:g} s") from None
+                    raise RetryableError(f"chunk not done within {timeout:g} s") from None
+                if result is None:
+                    log.warning("lease lost; another worker has the delivery", extra=_ids(claim))
+                    return
                 sent += len(chunk.users)
                 invalid += result.invalid
                 status = result.status
@@ -408,6 +423,34 @@ class Worker:
         finally:
             chunks.close()
         await anyio.to_thread.run_sync(self._finish, claim, config.kind, outcome)
+
+    async def _send_keeping_lease(
+        self,
+        provider: Provider,
+        segment: Segment,
+        chunk: Chunk,
+        claim: Claim,
+        sent: int,
+        invalid: int,
+    ) -> ChunkResult | None:
+        """``provider.send``, renewing the lease every third of it while the call runs (a
+        platform may take minutes: import jobs, rate-limit waits). None if the lease was
+        lost meanwhile: the call is abandoned to the worker that took over."""
+        sending = asyncio.ensure_future(provider.send(segment, chunk))
+        interval = self.lease.total_seconds() / 3
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=interval)
+                if done:
+                    return sending.result()
+                stop = await anyio.to_thread.run_sync(self._heartbeat, claim, sent, invalid)
+                if stop == "lease lost":
+                    return None
+        finally:
+            if not sending.done():
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sending
 
     def _finish(self, claim: Claim, kind: str, outcome: Outcome) -> None:
         now = self.clock()

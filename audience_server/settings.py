@@ -94,6 +94,7 @@ class Settings:
     retention: timedelta = timedelta(days=7)
     worker_concurrency: int = 4
     lease: timedelta = timedelta(seconds=60)
+    chunk_timeout: timedelta = timedelta(minutes=10)
     poll_interval: timedelta = timedelta(seconds=1)
     run_worker: bool = True  # serve runs the delivery worker in-process
 
@@ -132,6 +133,7 @@ class Settings:
             "AUDIENCE_DELIVERY_RETRY_CAP": "retry_cap",
             "AUDIENCE_RETENTION": "retention",
             "AUDIENCE_WORKER_LEASE": "lease",
+            "AUDIENCE_CHUNK_TIMEOUT": "chunk_timeout",
             "AUDIENCE_WORKER_POLL": "poll_interval",
         }
         for name, attribute in durations.items():

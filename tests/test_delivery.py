@@ -313,3 +313,23 @@ def test_segment_prefix_is_configurable(database_url: str, engine: Engine, tmp_p
         fields = form("p", 1, 1, 1, make_users(1), name="  Lapsed \t buyers  2026 ")
         assert send(client, fields, "?sync=true").status_code == 200
         assert status(client, "p")["deliveries"][0]["segmentName"] == "acme-Lapsed_buyers_2026"
+
+
+def test_a_slow_chunk_keeps_its_lease(
+    database_url: str, engine: Engine, hook: WebhookEmulator
+) -> None:
+    """The receiver takes 2.5 leases to answer; the worker's other lanes must not take the
+    delivery over (they would, were the lease not renewed during the call)."""
+    settings = Settings(
+        database_url=database_url,
+        lease=dt.timedelta(seconds=1),
+        poll_interval=dt.timedelta(milliseconds=50),
+        worker_concurrency=4,
+    )
+    hook.delay(2.5)
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    with serve(settings, engine, where) as client:
+        assert upload(client, "long", make_users(3), 3, "?sync=true").status_code == 200
+        body = status(client, "long")
+    assert body["deliveries"][0]["attempts"] == 1
+    assert hook.attempts("long") == 1 and hook.max_in_flight("long") == 1

@@ -318,7 +318,7 @@ def test_option_defaults() -> None:
         "2026-07-15",
         10_000,
     )
-    assert (made.poll_interval, made.job_timeout) == (1.0, 20.0)
+    assert (made.poll_interval, made.job_timeout) == (1.0, 300.0)
     revised = {"api_key": "pk_x", "revision": "2025-01-15.pre"}
     assert KlaviyoProvider.from_config(DestinationConfig("k", "klaviyo", revised, 1)).revision
 

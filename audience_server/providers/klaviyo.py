@@ -36,8 +36,8 @@ fails the delivery with Klaviyo's ``errors[0].detail`` (emails and phone numbers
 
 Options: ``api_key`` (secret), ``base_url``, ``revision`` (default 2026-07-15), ``chunk_size``
 (default and most 10,000), ``timeout`` seconds per request (30), ``poll_interval`` seconds (1),
-``job_timeout`` seconds per chunk (20; keep it under the worker's per-chunk bound, half its
-lease).
+``job_timeout`` seconds per chunk (300; keep it under the worker's ``AUDIENCE_CHUNK_TIMEOUT``,
+10 minutes by default — the worker keeps its lease alive meanwhile).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class KlaviyoProvider:
         chunk_size: int = MAX_PROFILES_PER_JOB,
         timeout: float = 30.0,
         poll_interval: float = 1.0,
-        job_timeout: float = 20.0,
+        job_timeout: float = 300.0,
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
@@ -276,7 +276,7 @@ class KlaviyoProvider:
             ),
             timeout=_number_option(options, "timeout", 30.0),
             poll_interval=_number_option(options, "poll_interval", 1.0),
-            job_timeout=_number_option(options, "job_timeout", 20.0),
+            job_timeout=_number_option(options, "job_timeout", 300.0),
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
