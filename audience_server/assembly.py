@@ -53,6 +53,7 @@ class SeenUsers:
             """
             PRAGMA journal_mode=OFF;
             PRAGMA synchronous=OFF;
+            PRAGMA cache_size=-16384;
             CREATE TABLE seen (k BLOB PRIMARY KEY) WITHOUT ROWID;
             CREATE TEMP TABLE batch (i INTEGER PRIMARY KEY, k BLOB NOT NULL);
             """
@@ -67,6 +68,15 @@ class SeenUsers:
                 repeats.append(index)
             else:
                 first[key] = index
+        # Usual case first: none of this batch's users was met before. Inserting the keys in
+        # order and counting what went in tells, at half the cost of looking each one up.
+        self.db.execute("BEGIN")
+        before = self.db.total_changes
+        self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((k,) for k in sorted(first)))
+        if self.db.total_changes - before == len(first):
+            self.db.execute("COMMIT")
+            return repeats
+        self.db.execute("ROLLBACK")
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM batch")
         self.db.executemany("INSERT INTO batch VALUES (?, ?)", ((i, k) for k, i in first.items()))
