@@ -22,15 +22,13 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,24 +36,35 @@ from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-HOST = "127.0.0.1"
-BOUNDARY = "audience-bench-" + "5f3c9e21d7a84b06"
+from .common import (
+    BOUNDARY,
+    HOST,
+    REQUEST_TIMEOUT_S,
+    RESULTS_DIR,
+    ROOT,
+    BenchError,
+    Server,
+    Target,
+    audience_server_command,
+    form_field,
+    git_revision,
+    percentile,
+    post_batch,
+    postgres_database,
+    raise_on_sigterm,
+    running,
+    server_env,
+    verdict,
+)
+
 SEGMENT_NAME = "bench segment"
 # SPEC §7: minimum users/s relative to the floor, and the completing batch's latency limit.
 INGEST_TARGETS = {"sqlite": 0.8, "postgresql": 0.7}
 COMPLETION_LIMIT = 1.5
-STARTUP_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 300.0
 
 _FIRST = ["Ana", "Ben", "Chloé", "Dmitri", "Emeka", "Fatima", "Giulia", "Hiro", "Ines", "Jonas"]
 _LAST = ["Okafor", "Schmidt", "García", "Tanaka", "Novak", "Silva", "Kowalski", "Nguyen"]
 _COUNTRIES = ["US", "DE", "FR", "GB", "JP", "BR", "NG", "PL", "IT", "ES"]
-
-
-class BenchError(RuntimeError):
-    """A target did not start, or answered a batch with something other than success."""
 
 
 # --- the segment ---------------------------------------------------------------------
@@ -87,11 +96,6 @@ def make_users(count: int, seed: int) -> list[dict[str, Any]]:
     return users
 
 
-def _field(name: str, value: bytes) -> bytes:
-    header = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-    return header.encode() + value + b"\r\n"
-
-
 @dataclass(frozen=True)
 class Segment:
     """The segment's batches, pre-encoded once: only the small ``batch`` part varies."""
@@ -117,7 +121,7 @@ class Segment:
             "totalBatches": self.total_batches,
             "totalUsers": self.total_users,
         }
-        return self.head + _field("batch", orjson.dumps(batch)) + self.users_parts[sequence - 1]
+        return self.head + form_field("batch", orjson.dumps(batch)) + self.users_parts[sequence - 1]
 
 
 def build_segment(total_users: int, batch_size: int, seed: int = 7) -> Segment:
@@ -127,145 +131,12 @@ def build_segment(total_users: int, batch_size: int, seed: int = 7) -> Segment:
     return Segment(
         total_users=total_users,
         user_counts=[len(chunk) for chunk in chunks],
-        head=_field("name", SEGMENT_NAME.encode()) + _field("type", b"custom"),
-        users_parts=[_field("users", orjson.dumps(chunk)) + closing for chunk in chunks],
+        head=form_field("name", SEGMENT_NAME.encode()) + form_field("type", b"custom"),
+        users_parts=[form_field("users", orjson.dumps(chunk)) + closing for chunk in chunks],
     )
 
 
 # --- the targets -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """A server to measure: how to start it, and which SPEC ratio applies to it."""
-
-    name: str
-    kind: str  # "floor", "sqlite" or "postgresql"
-    command: list[str]
-    env: dict[str, str]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def audience_server_command() -> list[str]:
-    script = Path(sys.executable).with_name("audience-server")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "audience_server"]
-
-
-def server_env(database_url: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_")}
-    env["AUDIENCE_LOG_LEVEL"] = "WARNING"  # a log line per batch would be part of the cost
-    if database_url is not None:
-        env["AUDIENCE_DATABASE_URL"] = database_url
-    return env
-
-
-def _get(port: int, path: str) -> int:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@dataclass
-class Server:
-    """A running target process and the port it answers on."""
-
-    target: Target
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-
-@contextlib.contextmanager
-def running(target: Target, workdir: Path) -> Iterator[Server]:
-    """Start ``target`` on a free port, wait for ``/healthz``, and always stop it."""
-    port = free_port()
-    log_path = workdir / f"{target.name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*target.command, "--host", HOST, "--port", str(port)],
-            cwd=ROOT,
-            env=target.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches only us; we stop it ourselves
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise BenchError(
-                    f"{target.name} exited with {process.returncode}:\n{_tail(log_path)}"
-                )
-            with contextlib.suppress(OSError):
-                if _get(port, "/healthz") == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError(f"{target.name} did not answer /healthz:\n{_tail(log_path)}")
-            time.sleep(0.1)
-        yield Server(target, port, process, log_path)
-    finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT (uvicorn's graceful stop), then SIGTERM, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait_s)
-
-
-@contextlib.contextmanager
-def postgres_database(admin_url: str, workdir: Path) -> Iterator[str]:
-    """A new database on ``admin_url``'s server, migrated to head, dropped at the end."""
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    server = make_url(admin_url).set(drivername="postgresql")
-    name = f"audience_bench_{os.getpid()}"
-    conninfo = server.render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = server.set(database=name).render_as_string(hide_password=False)
-        result = subprocess.run(
-            [*audience_server_command(), "migrate"],
-            cwd=workdir,
-            env=server_env(url),
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            raise BenchError(f"migrate failed:\n{result.stdout}{result.stderr}")
-        yield url
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 # --- one round -------------------------------------------------------------------------
@@ -289,29 +160,6 @@ class Round:
         return self.concurrent_users / self.concurrent_wall_s
 
 
-def _post(conn: http.client.HTTPConnection, body: bytes, what: str) -> float:
-    """Send one batch; its latency in ms. Anything but 200 ``{"success": true}`` fails."""
-    headers = {
-        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
-        "Content-Length": str(len(body)),
-    }
-    start = time.perf_counter()
-    try:
-        conn.request("POST", "/audience", body=body, headers=headers)
-        response = conn.getresponse()
-        answer = response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise BenchError(f"{what}: {type(exc).__name__}: {exc}") from exc
-    elapsed = (time.perf_counter() - start) * 1000
-    try:
-        ok = response.status == 200 and orjson.loads(answer) == {"success": True}
-    except orjson.JSONDecodeError:
-        ok = False
-    if not ok:
-        raise BenchError(f"{what}: HTTP {response.status}: {answer[:500]!r}")
-    return elapsed
-
-
 def _drain(
     conn: http.client.HTTPConnection, queue: deque[int], bodies: dict[int, bytes], what: str
 ) -> list[float]:
@@ -321,7 +169,7 @@ def _drain(
             sequence = queue.popleft()  # atomic: workers share the queue without a lock
         except IndexError:
             return latencies
-        latencies.append(_post(conn, bodies[sequence], f"{what} sequence {sequence}"))
+        latencies.append(post_batch(conn, bodies[sequence], f"{what} sequence {sequence}"))
 
 
 def run_round(
@@ -352,8 +200,8 @@ def run_round(
         queue.clear()  # the other workers stop after their current batch
         raise
     wall = time.perf_counter() - start
-    lone_ms = [_post(conns[0], bodies[s], f"{what} sequence {s} (alone)") for s in alone]
-    completing_ms = _post(
+    lone_ms = [post_batch(conns[0], bodies[s], f"{what} sequence {s} (alone)") for s in alone]
+    completing_ms = post_batch(
         conns[0], bodies[completing], f"{what} sequence {completing} (completing)"
     )
     return Round(
@@ -369,12 +217,6 @@ def run_round(
 
 
 # --- the report ------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 @dataclass
@@ -434,10 +276,6 @@ def summarize(
     return summary
 
 
-def _verdict(passed: bool | None) -> str:
-    return "" if passed is None else ("PASS" if passed else "MISS")
-
-
 def format_table(summaries: Sequence[Summary]) -> str:
     """The results as a fixed-width table, with SPEC §7's targets next to the ratios."""
     header = (
@@ -452,7 +290,7 @@ def format_table(summaries: Sequence[Summary]) -> str:
         if s.ratio_to_floor is not None and s.ingest_target is not None:
             row += (
                 f"{s.ratio_to_floor:>8.2f}x{'≥' + format(s.ingest_target, '.1f'):>7}"
-                f"{_verdict(s.ingest_pass):>6}"
+                f"{verdict(s.ingest_pass):>6}"
             )
         else:
             row += f"{'':>22}"
@@ -462,28 +300,12 @@ def format_table(summaries: Sequence[Summary]) -> str:
             row += (
                 f"{s.completing_ms:>9.1f}{s.lone_intermediate_ms:>10.1f}"
                 f"{s.completion_ratio:>10.2f}x{'≤' + format(COMPLETION_LIMIT, '.1f'):>7}"
-                f"{_verdict(s.completion_pass):>6}{s.completion_ratio_vs_concurrent_p50:>9.2f}x"
+                f"{verdict(s.completion_pass):>6}{s.completion_ratio_vs_concurrent_p50:>9.2f}x"
             )
         if s.ratio_to_decode_floor is not None:
             row += f"{s.ratio_to_decode_floor:>9.2f}x"
         lines.append(row)
     return "\n".join(lines)
-
-
-def _git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "audience_server"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head}{'+dirty' if dirty else ''}"
 
 
 def write_results(
@@ -499,7 +321,7 @@ def write_results(
     document = {
         "benchmark": "ingest",
         "at": stamp,
-        "revision": _git_revision(),
+        "revision": git_revision(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -552,10 +374,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if math.ceil(args.users / args.batch_size) < args.lone + 2:
         parser.error("the segment needs at least --lone + 2 batches (--users / --batch-size)")
     return args
-
-
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -658,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         return run(args)
     except BenchError as exc:
