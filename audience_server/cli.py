@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 from collections.abc import Sequence
 
 from .destinations import DestinationsError
 from .settings import Settings, SettingsError
+
+
+def tune_gc() -> None:
+    """Collect garbage less often. Every batch decodes 10,000+ dicts; with the default
+    thresholds the cyclic collector runs many times per batch over a heap it cannot free
+    (measured: a third of a worker's time). Objects alive at start-up are frozen out of it."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -33,6 +43,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)
+    tune_gc()
     server.run()
     return 0 if server.started else 1
 
@@ -51,6 +62,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     try:
         prepare_database(settings, engine)
         worker = make_worker(settings, engine, destinations)
+        tune_gc()
 
         async def main() -> None:
             if args.drain:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -343,6 +344,11 @@ class Worker:
             unique_users=session.unique_users or 0,
         )
 
+    def _aborted(self, claim: Claim) -> bool:
+        with db.read_transaction(self.engine) as conn:
+            session = store.get_session(conn, claim.tenant, claim.session_key)
+        return session is None or session.state == "aborted"
+
     def _heartbeat(self, claim: Claim, sent: int, invalid: int) -> str | None:
         """Renew the lease and record progress; a reason to stop, or None to go on."""
         now = self.clock()
@@ -386,12 +392,20 @@ class Worker:
         sent = invalid = 0
         status: int | None = None
         timeout = self.chunk_timeout
+        lease = _LeaseClock(self.lease.total_seconds() / 3)
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
                 if chunk is None:
                     break
-                stop = await anyio.to_thread.run_sync(self._heartbeat, claim, sent, invalid)
+                # Renewing writes (and fsyncs); between renewals an abort check is a read.
+                if lease.due():
+                    stop = await anyio.to_thread.run_sync(self._heartbeat, claim, sent, invalid)
+                    lease.renewed()
+                elif await anyio.to_thread.run_sync(self._aborted, claim):
+                    stop = "session aborted"
+                else:
+                    stop = None
                 if stop == "lease lost":
                     log.warning("lease lost; another worker has the delivery", extra=_ids(claim))
                     return
@@ -400,7 +414,7 @@ class Worker:
                 try:
                     async with asyncio.timeout(timeout):
                         result = await self._send_keeping_lease(
-                            provider, segment, chunk, claim, sent, invalid
+                            provider, segment, chunk, claim, sent, invalid, lease
                         )
                 except TimeoutError:
                     raise RetryableError(f"chunk not done within {timeout:g} s") from None
@@ -432,18 +446,19 @@ class Worker:
         claim: Claim,
         sent: int,
         invalid: int,
+        lease: _LeaseClock,
     ) -> ChunkResult | None:
         """``provider.send``, renewing the lease every third of it while the call runs (a
         platform may take minutes: import jobs, rate-limit waits). None if the lease was
         lost meanwhile: the call is abandoned to the worker that took over."""
         sending = asyncio.ensure_future(provider.send(segment, chunk))
-        interval = self.lease.total_seconds() / 3
         try:
             while True:
-                done, _ = await asyncio.wait({sending}, timeout=interval)
+                done, _ = await asyncio.wait({sending}, timeout=lease.remaining())
                 if done:
                     return sending.result()
                 stop = await anyio.to_thread.run_sync(self._heartbeat, claim, sent, invalid)
+                lease.renewed()
                 if stop == "lease lost":
                     return None
         finally:
@@ -510,6 +525,23 @@ class Worker:
         self.changes.fire()
         if state == "pending":
             self.wake()
+
+
+class _LeaseClock:
+    """When this worker last renewed a lease, and whether a third of it has gone by."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.renewed()
+
+    def renewed(self) -> None:
+        self.at = time.monotonic()
+
+    def remaining(self) -> float:
+        return max(0.0, self.every - (time.monotonic() - self.at))
+
+    def due(self) -> bool:
+        return self.remaining() == 0.0
 
 
 def settle_session(conn: Connection, tenant: str, key: str, now: dt.datetime) -> str:

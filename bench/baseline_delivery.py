@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import msgspec
 import orjson
 
+from audience_server.cli import tune_gc
 from audience_server.parsing import decode_users
 from audience_server.store import unpack_users
 
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="webhook: name in each body")
     parser.add_argument("--type", default="custom", help="webhook: type in each body")
     args = parser.parse_args(argv)
+    tune_gc()  # the same collector settings as the worker: only the work differs
     started = time.perf_counter()
     batches = stored_users(args.database_url, args.tenant, args.session)
     if args.mode == "file":

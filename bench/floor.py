@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from audience_server.cli import tune_gc
 from audience_server.errors import APPLICATION_JSON, SUCCESS_BODY, AudienceError
 from audience_server.forms import read_form
 from audience_server.parsing import valid_user_count
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)
+    tune_gc()  # the same collector settings as the real server: only storage differs
     server.run()
     return 0 if server.started else 1
 
