@@ -45,15 +45,15 @@ def canonical_digest(users: Any) -> bytes:
 class SeenUsers:
     """The keys of every user met so far in one session, kept in a temporary SQLite file."""
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, cache_kib: int = 16_384) -> None:
         fd, self.path = tempfile.mkstemp(prefix="audience-seen-", suffix=".db", dir=directory)
         os.close(fd)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.executescript(
-            """
-            PRAGMA journal_mode=OFF;
+            f"""
+            PRAGMA journal_mode=MEMORY;  -- ROLLBACK must work: the fast path may undo
             PRAGMA synchronous=OFF;
-            PRAGMA cache_size=-16384;
+            PRAGMA cache_size=-{cache_kib};
             CREATE TABLE seen (k BLOB PRIMARY KEY) WITHOUT ROWID;
             CREATE TEMP TABLE batch (i INTEGER PRIMARY KEY, k BLOB NOT NULL);
             """

@@ -76,3 +76,23 @@ def test_retry_policy_honours_retry_after() -> None:
     assert policy.delay(1, retry_after=30) == 30
     assert 8 <= policy.delay(5, retry_after=0) <= 16
     assert policy.delay(1, retry_after=10**9) == 24 * 3600
+
+
+def test_seen_users_stays_exact_over_many_large_batches() -> None:
+    """Batches of 10,000 new keys, every other one carrying a single earlier key: the fast
+    path inserts a whole batch before it learns of the repeat and must undo that cleanly
+    (it once corrupted its file: SQLite cannot roll back with journal_mode=OFF)."""
+    rng = random.Random(11)
+    seen = SeenUsers(cache_kib=64)  # a small cache spills pages to disk, as 2M users would
+    earlier: list[bytes] = []
+    try:
+        for batch_number in range(16):
+            keys = [rng.randbytes(16) for _ in range(10_000)]
+            expected = []
+            if batch_number % 2 and earlier:
+                keys[1234] = earlier[rng.randrange(len(earlier))]
+                expected = [1234]
+            assert seen.repeated(keys) == expected
+            earlier += keys[:100]
+    finally:
+        seen.close()
