@@ -51,7 +51,7 @@ class SeenUsers:
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.executescript(
             f"""
-            PRAGMA journal_mode=MEMORY;  -- ROLLBACK must work: the fast path may undo
+            PRAGMA journal_mode=TRUNCATE;  -- on disk: a rollback must work, and cost no memory
             PRAGMA synchronous=OFF;
             PRAGMA cache_size=-{cache_kib};
             CREATE TABLE seen (k BLOB PRIMARY KEY) WITHOUT ROWID;
