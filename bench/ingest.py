@@ -351,6 +351,14 @@ def write_results(
 # --- the command -----------------------------------------------------------------------
 
 
+def ingest_only(env: dict[str, str], workdir: Path) -> dict[str, str]:
+    """The real server with its delivery worker off and no destination: this benchmark
+    measures ingest, not the assembly and delivery that completing sessions would start."""
+    none = workdir / "no-destinations.toml"
+    none.touch()
+    return env | {"AUDIENCE_WORKER": "false", "AUDIENCE_DESTINATIONS": str(none)}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="counted rounds per target")
@@ -406,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
                 "sqlite",
                 "sqlite",
                 [*audience_server_command(), "serve"],
-                server_env(f"sqlite:///{workdir / 'bench.db'}"),
+                ingest_only(server_env(f"sqlite:///{workdir / 'bench.db'}"), workdir),
             ),
         ]
         if args.postgres_url:
@@ -416,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
                     "postgresql",
                     "postgresql",
                     [*audience_server_command(), "serve"],
-                    server_env(url),
+                    ingest_only(server_env(url), workdir),
                 )
             )
         # Entered before the servers so that it is shut down after they stop: a worker still
