@@ -88,7 +88,9 @@ def receive_batch(
     the transaction so the compression does not lengthen the time the session is locked.
     """
     key = upload.session_key
-    created = store.create_session_if_absent(
+    # Most batches find their session: lock it straight away; create it only when absent.
+    session = store.lock_session(conn, tenant, key)
+    created = session is None and store.create_session_if_absent(
         conn,
         {
             "tenant": tenant,
@@ -106,7 +108,8 @@ def receive_batch(
             "expires_at": now + ttl,
         },
     )
-    session = store.lock_session(conn, tenant, key)
+    if session is None:
+        session = store.lock_session(conn, tenant, key)
     assert session is not None  # created above or already there; sessions are never deleted
     if created:
         store.add_event(conn, tenant, key, now, "created")
@@ -132,8 +135,22 @@ def receive_batch(
             f"batches from {base} ({base}..{base + total_batches - 1})."
         )
 
-    stored = store.find_batch(conn, tenant, key, upload.sequence)
-    if stored is not None:
+    # Insert first: a new sequence (the usual case) costs one statement; a sequence already
+    # there is then compared. Any refusal below rolls the insert back with the transaction.
+    inserted = store.insert_batch_if_absent(
+        conn,
+        tenant=tenant,
+        session_key=key,
+        sequence=upload.sequence,
+        user_count=upload.user_count,
+        digest=upload.digest,
+        meta=orjson.dumps(upload.batch).decode(),
+        users=packed_users,
+        received_at=now,
+    )
+    if not inserted:
+        stored = store.find_batch(conn, tenant, key, upload.sequence)
+        assert stored is not None
         if _same_users(stored, upload):
             return Outcome("duplicate", state)
         raise Conflict(
@@ -147,18 +164,6 @@ def receive_batch(
             f"this batch's {upload.user_count} users would bring session {key} to "
             f"{received_users} users, above totalUsers ({session.total_users})."
         )
-
-    store.insert_batch(
-        conn,
-        tenant=tenant,
-        session_key=key,
-        sequence=upload.sequence,
-        user_count=upload.user_count,
-        digest=upload.digest,
-        meta=orjson.dumps(upload.batch).decode(),
-        users=packed_users,
-        received_at=now,
-    )
     received_batches = session.received_batches + 1
     values: dict[str, Any] = {
         "received_batches": received_batches,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import zstandard
-from sqlalchemy import Connection, Row, and_, func, or_, select, update
+from sqlalchemy import Connection, Row, Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import batches, deliveries, events, sessions
@@ -34,16 +34,22 @@ def _batches_of(tenant: str, key: str) -> Any:
     return and_(batches.c.tenant == tenant, batches.c.session_key == key)
 
 
-def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
-    """Insert the session unless one with its key exists; True if this call created it."""
+def _insert_if_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT (primary key) DO NOTHING; True if the row went in."""
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    key = [column.name for column in table.primary_key.columns]
     stmt = (
-        dialect_insert(sessions)
+        dialect_insert(table)
         .values(values)
-        .on_conflict_do_nothing(index_elements=["tenant", "session_key"])
-        .returning(sessions.c.session_key)
+        .on_conflict_do_nothing(index_elements=key)
+        .returning(*table.primary_key.columns)
     )
     return conn.execute(stmt).first() is not None
+
+
+def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
+    """Insert the session unless one with its key exists; True if this call created it."""
+    return _insert_if_absent(conn, sessions, values)
 
 
 def lock_session(conn: Connection, tenant: str, key: str) -> AnyRow | None:
@@ -67,8 +73,9 @@ def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> AnyRow
     return conn.execute(stmt).first()
 
 
-def insert_batch(conn: Connection, **values: Any) -> None:
-    conn.execute(batches.insert().values(**values))
+def insert_batch_if_absent(conn: Connection, **values: Any) -> bool:
+    """Store a batch unless its sequence is already there; True if this call stored it."""
+    return _insert_if_absent(conn, batches, values)
 
 
 def sum_users(conn: Connection, tenant: str, key: str) -> int:
