@@ -42,11 +42,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
 
 Account = tuple[str, str]  # (accountType, accountId)
 Member = frozenset[tuple[str, ...]]
@@ -219,7 +218,7 @@ class UserList:
         return body
 
 
-class GoogleEmulator:
+class GoogleEmulator(Emulator):
     """The Data Manager API on a loopback port; state is read with the accessors below."""
 
     def __init__(self) -> None:
@@ -234,28 +233,6 @@ class GoogleEmulator:
         self._server = LoopbackServer(self._handle, name="google-emulator")
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
 
     # -- set-up and scripting ------------------------------------------------------------------
 

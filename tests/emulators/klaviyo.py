@@ -40,11 +40,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
 
 MEDIA_TYPE = "application/vnd.api+json"
 MAX_BODY_BYTES = 5_000_000
@@ -228,7 +227,7 @@ def _offset(cursor: str) -> int:
         raise KlaviyoError(400, "Invalid page cursor.", parameter="page[cursor]") from None
 
 
-class KlaviyoEmulator:
+class KlaviyoEmulator(Emulator):
     """Klaviyo accounts (one per API key) behind a real HTTP server on loopback."""
 
     def __init__(self, *api_keys: str, polls_to_complete: int = 2) -> None:
@@ -242,28 +241,6 @@ class KlaviyoEmulator:
         self._calls: list[Call] = []
         self._counter = 0
         self._server = LoopbackServer(self._handle, name="klaviyo")
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
 
     # -- scripting ---------------------------------------------------------------------------
 

@@ -221,3 +221,34 @@ def _read_chunked(rfile: io.BufferedIOBase, limit: int) -> bytes:
         if len(part) != size or rfile.readline(1024) not in (b"\r\n", b"\n"):
             raise HttpError(400, "truncated chunked body")
         parts.append(part)
+
+
+class Emulator:
+    """The lifecycle every platform emulator shares: a :class:`LoopbackServer` in
+    ``self._server``, started by ``start()`` or ``with``, stopped (threads joined) by
+    ``close()``."""
+
+    _server: LoopbackServer
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def close(self) -> None:
+        self._server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def base_url(self) -> str:
+        """Where the adapter under test points its ``base_url``."""
+        return self._server.base_url

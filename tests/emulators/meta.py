@@ -43,11 +43,10 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from tests.emulators.loopback import Incoming, LoopbackServer, Reply
+from tests.emulators.loopback import Emulator, Incoming, LoopbackServer, Reply
 
 Member = frozenset[tuple[str, str]]
 
@@ -195,7 +194,7 @@ class _Scripted:
         return self.on in ("any", kind) or (self.on == "upload" and kind in UPLOAD_EDGES)
 
 
-class MetaEmulator:
+class MetaEmulator(Emulator):
     """Graph's custom-audience endpoints on 127.0.0.1, strict, scriptable, and inspectable.
 
     Start it with ``start()`` or ``with``; ``close()`` stops it and joins every thread.
@@ -226,31 +225,11 @@ class MetaEmulator:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
     def close(self) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def base_url(self) -> str:
-        """The adapter's ``base_url`` (the version goes after it)."""
-        return self._server.base_url
+        super().close()
 
     # -- set-up ------------------------------------------------------------------------------
 

@@ -30,11 +30,10 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
 
 PREFIX = "/open_api/v1.3/"
 LIST = "dmp/custom_audience/list/"
@@ -111,7 +110,7 @@ class _Scripted:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class TikTokEmulator:
+class TikTokEmulator(Emulator):
     """TikTok's audience API for the advertisers each access token may operate."""
 
     def __init__(
@@ -135,29 +134,6 @@ class TikTokEmulator:
         self._server = LoopbackServer(self._handle, name="tiktok-emulator")
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def base_url(self) -> str:
-        """The ``base_url`` option of a destination that talks to this emulator."""
-        return self._server.base_url
 
     # -- scripting ---------------------------------------------------------------------------
 
