@@ -22,8 +22,10 @@ from audience_server import db
 from audience_server.app import create_app
 from audience_server.models import metadata
 from audience_server.settings import Settings
+from tests.servers import clear_audience_variables
 
 PG_ENV = "AUDIENCE_TEST_POSTGRES_URL"
+clear_audience_variables()  # the shell's AUDIENCE_* settings never change what is tested
 BACKENDS = ["sqlite", "postgresql"]
 
 

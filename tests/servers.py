@@ -12,6 +12,23 @@ from pathlib import Path
 
 import httpx2
 
+TEST_VARIABLES = ("AUDIENCE_TEST_",)  # the suite's own settings, never the server's
+
+
+def clean_env(**audience: str) -> dict[str, str]:
+    """The environment for a process a test starts: this one's without any ``AUDIENCE_*``
+    variable (a developer's exported settings must not change what is tested), plus
+    ``audience``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_")}
+    return env | audience
+
+
+def clear_audience_variables() -> None:
+    """Forget the shell's ``AUDIENCE_*`` settings for this test process (not the suite's own)."""
+    for name in [k for k in os.environ if k.startswith("AUDIENCE_")]:
+        if not name.startswith(TEST_VARIABLES):
+            del os.environ[name]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -41,7 +58,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        env = os.environ | {"AUDIENCE_DATABASE_URL": self.database_url, **self.env}
+        env = clean_env(AUDIENCE_DATABASE_URL=self.database_url, **self.env)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "audience_server", "serve", "--port", str(self.port)],
@@ -82,7 +99,7 @@ class WorkerProcess:
     """``audience-server worker`` in a subprocess."""
 
     def __init__(self, database_url: str, log_path: Path, **env: str) -> None:
-        self.env = os.environ | {"AUDIENCE_DATABASE_URL": database_url, **env}
+        self.env = clean_env(AUDIENCE_DATABASE_URL=database_url, **env)
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import http.server
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import httpx2
 import pytest
 
 from tests.helpers import eventually, form
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, clean_env
 
 pytestmark = pytest.mark.slow
 FIELDS = ["email", "phone", "firstName", "country", "tier"]
@@ -61,7 +60,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ | {"AUDIENCE_LOG_LEVEL": "WARNING"},
+        env=clean_env(AUDIENCE_LOG_LEVEL="WARNING"),
     )
 
 
@@ -142,6 +141,7 @@ def test_large_csv_is_uploaded_complete_and_delivered(
             capture_output=True,
             text=True,
             timeout=60,
+            env=clean_env(),
         )
 
     shown = command("status", "big-1")
@@ -166,6 +166,7 @@ def test_killed_upload_resumes_sending_only_missing_batches(
         [sys.executable, "-m", "audience_server", "upload", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=clean_env(),
     )
     try:
         seen = eventually(
