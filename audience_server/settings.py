@@ -97,6 +97,7 @@ class Settings:
     chunk_timeout: timedelta = timedelta(minutes=10)
     poll_interval: timedelta = timedelta(seconds=1)
     run_worker: bool = True  # serve runs the delivery worker in-process
+    scratch_dir: Path | None = None  # workers' temporary files; None: <temp dir>/audience-server
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +146,8 @@ class Settings:
             kwargs["worker_concurrency"] = _positive_int("AUDIENCE_WORKER_CONCURRENCY", raw)
         if raw := env.get("AUDIENCE_WORKER"):
             kwargs["run_worker"] = _boolean("AUDIENCE_WORKER", raw)
+        if raw := env.get("AUDIENCE_SCRATCH_DIR"):
+            kwargs["scratch_dir"] = Path(raw.strip())
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @property
