@@ -12,12 +12,13 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -271,6 +272,7 @@ class Progress:
         *,
         tty: bool | None = None,
         interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total_users = total_users
         self.total_batches = total_batches
@@ -280,8 +282,11 @@ class Progress:
         self.users = 0
         self.batches = 0
         self.sent_users = 0  # only what this run sent: the rate ignores skipped batches
-        self.started = time.monotonic()
-        self.shown = 0.0
+        self.clock = clock
+        self.started = clock()
+        # Never shown yet: the first line is due at once, whatever the clock reads (monotonic
+        # time starts near zero on a machine booted a minute ago).
+        self.shown = -math.inf
 
     def skip(self, batches: int, users: int) -> None:
         """Batches the server already had, counted as done."""
@@ -292,13 +297,13 @@ class Progress:
         self.batches += 1
         self.users += users
         self.sent_users += users
-        now = time.monotonic()
+        now = self.clock()
         if now - self.shown >= self.interval or self.batches == self.total_batches:
             self.shown = now
             self.show()
 
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
+        elapsed = max(self.clock() - self.started, 1e-6)
         rate = self.sent_users / elapsed
         left = self.total_users - self.users
         eta = _duration(left / rate) if rate > 0 else "?"
