@@ -51,10 +51,13 @@ T = TypeVar("T")
 
 
 def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 15.0) -> T:
-    """Re-read until ``done`` holds: for state another thread or process moves on."""
+    """Re-read until ``done`` holds: for state another thread or process moves on. Fails
+    the test if it does not hold within ``timeout`` s (a limit, never a wait for a result)."""
     deadline = time.monotonic() + timeout
     while True:
         value = read()
-        if done(value) or time.monotonic() > deadline:
+        if done(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done within {timeout:g} s; last read: {value!r:.2000}")
         time.sleep(0.02)  # polling interval, not a guess at how long the work takes

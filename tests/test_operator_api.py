@@ -185,7 +185,10 @@ def test_unknown_routes_and_methods_answer_json(client: TestClient) -> None:
 def test_batch_log_line_has_telemetry_and_no_personal_data(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    users = make_users(3)
+    users = [
+        user | {"firstName": f"Zebulon{i}", "lastName": f"Quackenbush{i}"}
+        for i, user in enumerate(make_users(3))
+    ]  # names no log line could hold by chance
     with caplog.at_level(logging.INFO, logger="audience_server"):
         assert send(client, form("log", 2, 2, 6, users)).status_code == 200
         assert send(client, form("log", 2, 2, 6, make_users(3, 9))).status_code == 409
@@ -199,8 +202,8 @@ def test_batch_log_line_has_telemetry_and_no_personal_data(
     text_logged = caplog.text + "".join(json.dumps(r.__dict__, default=str) for r in caplog.records)
     for user in users:
         for field in ("email", "phone", "firstName", "lastName"):
-            assert str(user[field]) not in text_logged or field in ("firstName", "lastName")
-    assert "user0@example.com" not in text_logged and "+14155550000" not in text_logged
+            assert str(user[field]) not in text_logged, field
+    assert "Zebulon" not in text_logged and "Quackenbush" not in text_logged
 
 
 def test_random_junk_never_gives_500_nor_touches_a_session(
