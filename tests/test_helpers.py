@@ -17,7 +17,7 @@ def test_eventually_returns_the_first_value_that_is_done() -> None:
 
 
 def test_eventually_fails_when_never_done() -> None:
-    with pytest.raises(AssertionError, match="not done within 0.1 s; last read: 'stale'"):
+    with pytest.raises(AssertionError, match=r"not done within 0\.1 s; last read: 'stale'"):
         eventually(lambda: "stale", lambda value: value == "fresh", timeout=0.1)
 
 
