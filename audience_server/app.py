@@ -371,6 +371,7 @@ def make_worker(
         poll_interval=settings.poll_interval.total_seconds(),
         concurrency=settings.worker_concurrency,
         changes=changes,
+        scratch_root=settings.scratch_dir,
     )
 
 

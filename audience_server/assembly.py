@@ -9,10 +9,11 @@ streams the same users without redoing it.
 from __future__ import annotations
 
 import hashlib
-import os
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Generator, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -45,9 +46,11 @@ def canonical_digest(users: Any) -> bytes:
 class SeenUsers:
     """The keys of every user met so far in one session, kept in a temporary SQLite file."""
 
-    def __init__(self, directory: str | None = None, cache_kib: int = 16_384) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="audience-seen-", suffix=".db", dir=directory)
-        os.close(fd)
+    def __init__(self, directory: Path | None = None, cache_kib: int = 16_384) -> None:
+        # A folder of its own: SQLite keeps a journal beside the file, and close() removes
+        # whatever is there.
+        self.folder = Path(tempfile.mkdtemp(prefix="seen-", dir=directory))
+        self.path = self.folder / "seen.db"
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.executescript(
             f"""
@@ -89,7 +92,7 @@ class SeenUsers:
 
     def close(self) -> None:
         self.db.close()
-        os.unlink(self.path)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _sequences(engine: Engine, tenant: str, key: str) -> list[int]:
@@ -117,7 +120,7 @@ def _read_batch(engine: Engine, tenant: str, key: str, sequence: int) -> tuple[A
     return decode_users(unpack_users(row.users)), duplicates
 
 
-def find_duplicates(engine: Engine, tenant: str, key: str, scratch: str | None = None) -> int:
+def find_duplicates(engine: Engine, tenant: str, key: str, scratch: Path | None = None) -> int:
     """Record each batch's repeated users and canonical digest; returns the unique count.
 
     Safe to run again from the start (a crashed assembly is simply redone)."""

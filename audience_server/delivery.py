@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -42,6 +43,7 @@ from .providers.base import (
     Segment,
 )
 from .retry import RetryPolicy
+from .scratch import LazyScratch
 
 log = logging.getLogger("audience_server.delivery")
 
@@ -117,7 +119,7 @@ class Worker:
         poll_interval: float = 1.0,
         concurrency: int = 4,
         changes: Signal | None = None,
-        scratch_dir: str | None = None,
+        scratch_root: Path | None = None,
         chunk_timeout: dt.timedelta = dt.timedelta(minutes=10),
     ) -> None:
         self.engine = engine
@@ -129,7 +131,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.changes = changes or Signal()
-        self.scratch_dir = scratch_dir
+        self.scratch = LazyScratch(scratch_root)
         self.chunk_timeout = chunk_timeout.total_seconds()
         self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = Signal()
@@ -142,14 +144,18 @@ class Worker:
         """Run ``concurrency`` lanes until ``stop`` is set; work in hand is finished first."""
         log.info("worker started", extra={"worker": self.id, "concurrency": self.concurrency})
         try:
+            await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
             await asyncio.gather(*(self._lane(stop) for _ in range(self.concurrency)))
         finally:
             await self.close()
 
     async def close(self) -> None:
-        """Release the providers' connections."""
-        for _, provider in self.destinations.values():
-            await provider.aclose()
+        """Release the providers' connections and remove this worker's scratch folder."""
+        try:
+            for _, provider in self.destinations.values():
+                await provider.aclose()
+        finally:
+            self.scratch.close()
 
     async def _lane(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -180,6 +186,7 @@ class Worker:
     async def drain(self) -> None:
         """Run work until none is ready now (one-shot runs). A delivery waiting to be
         retried later is left for a later run."""
+        await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
         while await self.step():
             pass
 
@@ -213,7 +220,7 @@ class Worker:
 
     def _assemble(self, tenant: str, key: str) -> None:
         try:
-            unique = find_duplicates(self.engine, tenant, key, self.scratch_dir)
+            unique = find_duplicates(self.engine, tenant, key, self.scratch.path())
         except UsersPurged:
             log.info("assembly stopped: users purged", extra={"sessionId": key})
             return

@@ -3,8 +3,8 @@ segment names and the retry policy."""
 
 from __future__ import annotations
 
-import os
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,18 +23,17 @@ def test_user_key_ignores_key_order_but_not_values() -> None:
     assert user_key({"x": [1, 2]}) != user_key({"x": [2, 1]})  # arrays keep their order
 
 
-def test_seen_users_finds_repeats_within_and_across_batches() -> None:
-    seen = SeenUsers()
+def test_seen_users_finds_repeats_within_and_across_batches(tmp_path: Path) -> None:
+    seen = SeenUsers(tmp_path)
     try:
         k = [bytes([i]) * 16 for i in range(6)]
         assert seen.repeated([k[0], k[1], k[0], k[2]]) == [2]
         assert seen.repeated([k[3], k[1], k[3], k[4], k[0]]) == [1, 2, 4]
         assert seen.repeated([k[5]]) == []
-        path = seen.path
-        assert os.path.exists(path)
+        assert seen.path.exists()
     finally:
         seen.close()
-    assert not os.path.exists(path)
+    assert list(tmp_path.iterdir()) == []  # its SQLite journal too
 
 
 @pytest.mark.parametrize(("total", "size"), [(1, 10), (10, 10), (25, 10), (30, 7)])
@@ -78,12 +77,13 @@ def test_retry_policy_honours_retry_after() -> None:
     assert policy.delay(1, retry_after=10**9) == 24 * 3600
 
 
-def test_seen_users_stays_exact_over_many_large_batches() -> None:
+def test_seen_users_stays_exact_over_many_large_batches(tmp_path: Path) -> None:
     """Batches of 10,000 new keys, every other one carrying a single earlier key: the fast
     path inserts a whole batch before it learns of the repeat and must undo that cleanly
     (it once corrupted its file: SQLite cannot roll back with journal_mode=OFF)."""
     rng = random.Random(11)
-    seen = SeenUsers(cache_kib=64)  # a small cache spills pages to disk, as 2M users would
+    # a small cache spills pages to disk, as 2M users would
+    seen = SeenUsers(tmp_path, cache_kib=64)
     earlier: list[bytes] = []
     try:
         for batch_number in range(16):

@@ -65,7 +65,8 @@ def test_worker_killed_mid_delivery_is_resumed_by_another(
     database_url: str, tmp_path: Path, hook: WebhookEmulator
 ) -> None:
     users = make_users(2_000)
-    env = worker_env(tmp_path, hook, chunk_size=100)
+    scratch = tmp_path / "scratch"
+    env = worker_env(tmp_path, hook, chunk_size=100) | {"AUDIENCE_SCRATCH_DIR": str(scratch)}
     server = ServerProcess(database_url, tmp_path / "server.log", **env, AUDIENCE_WORKER="false")
     server.start()
     first = WorkerProcess(database_url, tmp_path / "worker1.log", **env).start()
@@ -77,12 +78,15 @@ def test_worker_killed_mid_delivery_is_resumed_by_another(
         first.kill()
         received_before = len(hook.requests)
         assert received_before < 20  # the first attempt did not finish
+        (left,) = scratch.glob("worker-*")  # the killed worker's folder, never cleaned up
         second.start()
         assert hook.wait_for_segment("crash", timeout=60) == users
         body = eventually(lambda: session(server.url, "crash"), lambda b: b["state"] == "delivered")
+        assert not left.exists()  # the second worker removed it when it started
     finally:
         for process in (first, second, server):
             process.stop()
+    assert not scratch.exists()  # and its own folder when it stopped
     assert body["state"] == "delivered"
     (delivery,) = body["deliveries"]
     assert delivery["attempts"] == 2 and delivery["usersSent"] == 2_000
