@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import socket
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -399,7 +398,7 @@ class Worker:
         sent = invalid = 0
         status: int | None = None
         timeout = self.chunk_timeout
-        lease = _LeaseClock(self.lease.total_seconds() / 3)
+        lease = _LeaseClock(self.clock, self.lease / 3)
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
@@ -461,9 +460,14 @@ class Worker:
         sending = asyncio.ensure_future(provider.send(segment, chunk))
         try:
             while True:
-                done, _ = await asyncio.wait({sending}, timeout=lease.remaining())
+                # The clock is read again at least every poll interval: it need not be the
+                # event loop's (tests move theirs by hand).
+                wait = min(lease.remaining(), self.poll_interval)
+                done, _ = await asyncio.wait({sending}, timeout=wait)
                 if done:
                     return sending.result()
+                if not lease.due():
+                    continue
                 stop = await anyio.to_thread.run_sync(self._heartbeat, claim, sent, invalid)
                 lease.renewed()
                 if stop == "lease lost":
@@ -535,17 +539,19 @@ class Worker:
 
 
 class _LeaseClock:
-    """When this worker last renewed a lease, and whether a third of it has gone by."""
+    """When this worker last renewed a lease, and whether a third of it has gone by, on
+    the worker's clock: the one that dates the lease in the database."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, clock: Callable[[], dt.datetime], every: dt.timedelta) -> None:
+        self.clock = clock
         self.every = every
         self.renewed()
 
     def renewed(self) -> None:
-        self.at = time.monotonic()
+        self.at = self.clock()
 
     def remaining(self) -> float:
-        return max(0.0, self.every - (time.monotonic() - self.at))
+        return max(0.0, (self.every - (self.clock() - self.at)).total_seconds())
 
     def due(self) -> bool:
         return self.remaining() == 0.0

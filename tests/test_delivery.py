@@ -15,10 +15,10 @@ from starlette.testclient import TestClient
 
 from audience_server.app import Destinations, create_app, sweep_once
 from audience_server.destinations import DestinationConfig
-from audience_server.models import batches, delivery_attempts
+from audience_server.models import batches, deliveries, delivery_attempts
 from audience_server.providers import provider_class
 from audience_server.settings import Settings
-from tests.conftest import make_users
+from tests.conftest import FakeClock, make_users
 from tests.emulators.webhook import WebhookEmulator, verify_signature
 from tests.helpers import errors, eventually, form, send
 
@@ -316,20 +316,35 @@ def test_segment_prefix_is_configurable(database_url: str, engine: Engine, tmp_p
 
 
 def test_a_slow_chunk_keeps_its_lease(
-    database_url: str, engine: Engine, hook: WebhookEmulator
+    database_url: str, engine: Engine, hook: WebhookEmulator, clock: FakeClock
 ) -> None:
-    """The receiver takes 2.5 leases to answer; the worker's other lanes must not take the
-    delivery over (they would, were the lease not renewed during the call)."""
+    """The receiver holds the chunk for 2.5 leases of the worker's clock; the worker's other
+    lanes must not take the delivery over (they would, were the lease not renewed during
+    the call). The test moves the clock, so no real lease is slept through."""
+    lease = dt.timedelta(seconds=60)
     settings = Settings(
         database_url=database_url,
-        lease=dt.timedelta(seconds=1),
-        poll_interval=dt.timedelta(milliseconds=50),
+        lease=lease,
+        poll_interval=dt.timedelta(milliseconds=20),
         worker_concurrency=4,
     )
-    hook.delay(2.5)
+    hook.delay(3600)  # held until released
     where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
-    with serve(settings, engine, where) as client:
-        assert upload(client, "long", make_users(3), 3, "?sync=true").status_code == 200
-        body = status(client, "long")
+    app = create_app(settings, engine=engine, clock=clock, sweeper=False, destinations=where)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert upload(client, "long", make_users(3), 3).status_code == 200
+        hook.wait_until(lambda: hook.in_flight("long") == 1)
+
+        def held() -> tuple[int, dt.datetime]:
+            with engine.connect() as conn:
+                row = conn.execute(select(deliveries.c.attempts, deliveries.c.lease_expires_at))
+                attempts, expires = row.one()
+            return attempts, expires.replace(tzinfo=dt.UTC)
+
+        for _ in range(6):  # 6 x 25 s: 2.5 leases, never more than one without renewal
+            clock.advance(seconds=25)
+            assert eventually(held, lambda h: h[1] == clock.now + lease) == (1, clock.now + lease)
+        hook.release()
+        body = eventually(lambda: status(client, "long"), lambda b: b["state"] == "delivered")
     assert body["deliveries"][0]["attempts"] == 1
     assert hook.attempts("long") == 1 and hook.max_in_flight("long") == 1
