@@ -66,7 +66,12 @@ def test_worker_killed_mid_delivery_is_resumed_by_another(
 ) -> None:
     users = make_users(2_000)
     scratch = tmp_path / "scratch"
-    env = worker_env(tmp_path, hook, chunk_size=100) | {"AUDIENCE_SCRATCH_DIR": str(scratch)}
+    # One lane per worker: with a lease this short, a stalled machine could otherwise let a
+    # worker's own idle lane take its delivery over.
+    env = worker_env(tmp_path, hook, chunk_size=100) | {
+        "AUDIENCE_SCRATCH_DIR": str(scratch),
+        "AUDIENCE_WORKER_CONCURRENCY": "1",
+    }
     server = ServerProcess(database_url, tmp_path / "server.log", **env, AUDIENCE_WORKER="false")
     server.start()
     first = WorkerProcess(database_url, tmp_path / "worker1.log", **env).start()
