@@ -6,9 +6,12 @@ their own database on it). Without it the PostgreSQL variants skip, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import getpass
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,13 @@ from tests.servers import clear_audience_variables
 PG_ENV = "AUDIENCE_TEST_POSTGRES_URL"
 clear_audience_variables()  # the shell's AUDIENCE_* settings never change what is tested
 BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """pytest removes a green run's temp folders but leaves their parent behind, empty."""
+    with contextlib.suppress(OSError):  # not empty: a failed test's files are kept there
+        (Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}").rmdir()
 
 
 class FakeClock:
