@@ -25,7 +25,12 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def _serve(settings: Settings, args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.port is not None and not 1 <= args.port <= 65535:
+        print(f"audience-server: --port {args.port} is not a port; use 1 to 65535", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from .app import create_app
@@ -52,7 +57,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def _worker(settings: Settings, args: argparse.Namespace) -> int:
+def _worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+
     import asyncio
     import signal
 
@@ -85,7 +92,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+
     from . import db
 
     engine = db.make_engine(settings.database_url)
@@ -127,14 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Only the server commands (serve, worker, migrate) read the server's
+    settings, first thing: a bad one ends them with one line and exit 2. The client commands
+    read only their own flags (and AUDIENCE_URL, AUDIENCE_API_KEY)."""
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        code: int = args.run(args)
     except SettingsError as exc:
         print(f"audience-server: {exc}", file=sys.stderr)
         return 2
-    try:
-        code: int = args.run(settings, args)
     except (RuntimeError, DestinationsError) as exc:
         print(f"audience-server: {exc}", file=sys.stderr)
         return 1
@@ -255,7 +265,7 @@ def _client_errors(run: Callable[[], int]) -> int:
         return EXIT_USAGE
 
 
-def _upload(settings: Settings, args: argparse.Namespace) -> int:
+def _upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .client import ENDED_STATES
@@ -317,7 +327,7 @@ def _upload(settings: Settings, args: argparse.Namespace) -> int:
     return _client_errors(run)
 
 
-def _status_command(settings: Settings, args: argparse.Namespace) -> int:
+def _status_command(args: argparse.Namespace) -> int:
     def run() -> int:
         with _make_client(args) as client:
             status = client.status(args.session_id)
@@ -333,7 +343,7 @@ def _status_command(settings: Settings, args: argparse.Namespace) -> int:
     return _client_errors(run)
 
 
-def _sessions_command(settings: Settings, args: argparse.Namespace) -> int:
+def _sessions_command(args: argparse.Namespace) -> int:
     def run() -> int:
         with _make_client(args) as client:
             page = client.sessions(
