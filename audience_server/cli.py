@@ -7,7 +7,7 @@ import dataclasses
 import gc
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .destinations import DestinationsError
 from .settings import Settings, SettingsError
@@ -269,7 +269,7 @@ def _upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .client import ENDED_STATES
-    from .upload import Plan, default_state_path, spool_stdin, upload_file
+    from .upload import Plan, Source, default_state_path, spool_stdin, upload_file
 
     def run() -> int:
         if args.batch_size < 1 or args.concurrency < 1:
@@ -284,7 +284,8 @@ def _upload(args: argparse.Namespace) -> int:
             sync=args.sync,
             disable_prefix=args.disable_prefix,
         )
-        spooled: Path | None = None
+        spooled: IO[bytes] | None = None
+        path: Source
         try:
             if args.file == "-":
                 spooled = path = spool_stdin(sys.stdin.buffer)
@@ -309,7 +310,7 @@ def _upload(args: argparse.Namespace) -> int:
                     status = client.wait(result.session_id, args.wait_timeout)
         finally:
             if spooled is not None:
-                spooled.unlink(missing_ok=True)
+                spooled.close()
         print(
             f"sent {result.sent_batches} of {result.total_batches} batches "
             f"({result.skipped_batches} the server already had)"

@@ -65,17 +65,20 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def detect_format(path: Path) -> str:
+Source = Path | IO[bytes]  # a file by name, or a seekable file of no name (spooled stdin)
+
+
+def detect_format(source: Source) -> str:
     """By extension, else by the first non-blank byte: ``[`` JSON, ``{`` NDJSON, else CSV."""
-    suffix = path.suffix.lower()
+    suffix = source.suffix.lower() if isinstance(source, Path) else ""
     if suffix == ".csv":
         return "csv"
     if suffix in (".ndjson", ".jsonl"):
         return "ndjson"
     if suffix == ".json":
         return "json"
-    with path.open("rb") as file:
-        head = file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    with _opened(source) as raw:
+        head = raw.file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
         return "json"
     if head.startswith(b"{"):
@@ -161,9 +164,14 @@ def _json_array_users(text: TextIO) -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[_HashingReader]:
-    with path.open("rb") as file:
-        yield _HashingReader(file)
+def _opened(source: Source) -> Iterator[_HashingReader]:
+    """The source from its first byte; a file passed open stays open for the next pass."""
+    if isinstance(source, Path):
+        with source.open("rb") as file:
+            yield _HashingReader(file)
+    else:
+        source.seek(0)
+        yield _HashingReader(source)
 
 
 def _users_of(raw: _HashingReader, fmt: str) -> Iterator[dict[str, Any]]:
@@ -178,9 +186,9 @@ def _users_of(raw: _HashingReader, fmt: str) -> Iterator[dict[str, Any]]:
         raise InputError("the input is not UTF-8 text.") from None
 
 
-def read_users(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+def read_users(source: Source, fmt: str) -> Iterator[dict[str, Any]]:
     """Every user of the file, in order, streamed."""
-    with _opened(path) as raw:
+    with _opened(source) as raw:
         yield from _users_of(raw, fmt)
 
 
@@ -193,20 +201,24 @@ class Fingerprint:
     users: int
 
 
-def fingerprint(path: Path, fmt: str) -> Fingerprint:
+def fingerprint(source: Source, fmt: str) -> Fingerprint:
     """The counting pass: parse every user (so errors show before anything is sent)."""
-    with _opened(path) as raw:
+    with _opened(source) as raw:
         users = sum(1 for _ in _users_of(raw, fmt))
         raw.drain()
         return Fingerprint(raw.size, raw.digest.hexdigest(), users)
 
 
-def spool_stdin(stream: IO[bytes], directory: str | None = None) -> Path:
-    """Copy stdin to a temporary file (deleted by the caller) so it can be read twice."""
-    handle, name = tempfile.mkstemp(prefix="audience-upload-", suffix=".stdin", dir=directory)
-    with os.fdopen(handle, "wb") as file:
+def spool_stdin(stream: IO[bytes], directory: str | None = None) -> IO[bytes]:
+    """Copy stdin to a temporary file so it can be read twice. The file has no name (it is
+    gone once closed, or once the process dies, however it dies); the caller closes it."""
+    file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (handed to the caller)
+    try:
         shutil.copyfileobj(stream, file, _CHUNK)
-    return Path(name)
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 # --- resume state ---------------------------------------------------------------------------
@@ -385,7 +397,7 @@ def resolve_session(plan: Plan, state_path: Path | None, found: Fingerprint) -> 
 
 def upload_file(
     client: AudienceClient,
-    path: Path,
+    path: Source,
     plan: Plan,
     *,
     fmt: str | None = None,

@@ -172,3 +172,13 @@ def test_upload_a_generator_then_resume_it(server: ServerProcess) -> None:
     found = status("gen-1", url=server.url)
     assert found is not None and found["state"] == "complete"
     assert status("nope", url=server.url) is None
+
+
+def test_spooled_stdin_has_no_name_to_leave_behind(tmp_path: Path) -> None:
+    """stdin is spooled to be read twice; a client killed meanwhile must leave no file."""
+    data = b'{"email": "a@x.com"}\n{"email": "b@x.com"}\n'
+    with files.spool_stdin(io.BytesIO(data), directory=str(tmp_path)) as spooled:
+        assert list(tmp_path.iterdir()) == []
+        assert files.detect_format(spooled) == "ndjson"
+        assert files.fingerprint(spooled, "ndjson").users == 2
+        assert [u["email"] for u in files.read_users(spooled, "ndjson")] == ["a@x.com", "b@x.com"]
