@@ -276,7 +276,8 @@ def test_repo_alembic_ini_upgrades_the_database_it_is_given(tmp_path: Path) -> N
     run(
         [sys.executable, "-m", "alembic", "-c", REPO / "alembic.ini", "upgrade", "head"],
         elsewhere,
-        clean_env(AUDIENCE_DATABASE_URL=f"sqlite:///{database}"),
+        # the server's other settings have no say in a migration, even broken ones
+        clean_env(AUDIENCE_DATABASE_URL=f"sqlite:///{database}", AUDIENCE_PORT="abc"),
     )
     assert list(elsewhere.iterdir()) == [], "migrated the default ./audience.db instead"
     assert database.is_file(), "AUDIENCE_DATABASE_URL was not used"

@@ -1,6 +1,8 @@
 """Alembic environment: uses the caller's connection when given one (the server and the
 tests do), else AUDIENCE_DATABASE_URL."""
 
+import os
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -24,7 +26,10 @@ given = context.config.attributes.get("connection")
 if given is not None:
     run(given)
 else:
-    url = context.config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
+    # Only the database's variable: another AUDIENCE_* setting has no say in a migration.
+    database = {"AUDIENCE_DATABASE_URL": os.environ.get("AUDIENCE_DATABASE_URL", "")}
+    configured = context.config.get_main_option("sqlalchemy.url")
+    url = configured or Settings.from_env(database).database_url
     engine = make_engine(url)
     with engine.begin() as conn:
         run(conn)
