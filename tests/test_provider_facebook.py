@@ -24,7 +24,7 @@ from audience_server.providers.base import (
     RetryableError,
     Segment,
 )
-from audience_server.providers.facebook import FacebookProvider, graph_error, payload, user_row
+from audience_server.providers.meta import MetaProvider, graph_error, payload, user_row
 from audience_server.settings import Settings
 from tests.conftest import make_users
 from tests.emulators.meta import Member, MetaEmulator, member
@@ -81,9 +81,9 @@ def options(meta: MetaEmulator, **extra: Any) -> dict[str, Any]:
     }
 
 
-def provider(meta: MetaEmulator, **extra: Any) -> FacebookProvider:
+def provider(meta: MetaEmulator, **extra: Any) -> MetaProvider:
     config = DestinationConfig("meta", "facebook", options(meta, **extra), line=1)
-    return FacebookProvider.from_config(config)
+    return MetaProvider.from_config(config)
 
 
 def segment(kind: str = "custom", total: int = 0) -> Segment:
@@ -91,7 +91,7 @@ def segment(kind: str = "custom", total: int = 0) -> Segment:
 
 
 async def deliver(
-    fb: FacebookProvider, seg: Segment, users: list[dict[str, Any]], size: int
+    fb: MetaProvider, seg: Segment, users: list[dict[str, Any]], size: int
 ) -> list[ChunkResult]:
     """One attempt, as the worker runs it: chunks in order, the last flagged."""
     parts = [users[i : i + size] for i in range(0, len(users), size)] or [[]]
@@ -238,7 +238,7 @@ def test_payload_has_the_keys_present_in_the_chunk_in_order() -> None:
 @pytest.mark.parametrize("account", ["act_1234", "1234", 1234, " act_1234 "])
 def test_ad_account_id_is_normalized_to_act_prefix(account: Any) -> None:
     config = DestinationConfig("m", "facebook", {"ad_account_id": account, "access_token": "t"}, 1)
-    fb = FacebookProvider.from_config(config)
+    fb = MetaProvider.from_config(config)
     assert fb.account_id == "act_1234"
     assert (fb.graph_version, fb.customer_file_source) == ("v25.0", "USER_PROVIDED_ONLY")
     assert (fb.base_url, fb.chunk_size, fb.timeout) == ("https://graph.facebook.com", 10_000, 30)
@@ -265,7 +265,7 @@ def test_bad_options_name_their_field(changes: dict[str, Any], field: str) -> No
     values = {"ad_account_id": "act_1", "access_token": "s3cret-token", **changes}
     values = {key: value for key, value in values.items() if value is not None}
     with pytest.raises(OptionError) as caught:
-        FacebookProvider.from_config(DestinationConfig("m", "facebook", values, 1))
+        MetaProvider.from_config(DestinationConfig("m", "facebook", values, 1))
     assert caught.value.field == field
     assert "s3cret-token" not in str(caught.value)
 
@@ -280,7 +280,7 @@ def test_other_options_are_taken() -> None:
         "chunk_size": 5_000,
         "timeout": 2.5,
     }
-    fb = FacebookProvider.from_config(DestinationConfig("m", "facebook", values, 1))
+    fb = MetaProvider.from_config(DestinationConfig("m", "facebook", values, 1))
     assert (fb.graph_version, fb.customer_file_source) == ("v24.0", values["customer_file_source"])
     assert (fb.base_url, fb.chunk_size, fb.timeout) == ("http://proxy.internal/graph", 5_000, 2.5)
 

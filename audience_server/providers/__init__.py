@@ -13,7 +13,7 @@ from .base import Provider
 
 # kind -> "module:Class"; a module is imported only when a destination of its kind exists.
 REGISTRY: dict[str, str] = {
-    "facebook": "audience_server.providers.facebook:FacebookProvider",
+    "facebook": "audience_server.providers.meta:MetaProvider",
     "file": "audience_server.providers.file:FileProvider",
     "google": "audience_server.providers.google:GoogleProvider",
     "klaviyo": "audience_server.providers.klaviyo:KlaviyoProvider",

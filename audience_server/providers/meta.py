@@ -211,7 +211,7 @@ def _excerpt(text: Any, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-class FacebookProvider:
+class MetaProvider:
     def __init__(
         self,
         *,
@@ -235,7 +235,7 @@ class FacebookProvider:
         self._client: httpx2.AsyncClient | None = None
 
     @classmethod
-    def from_config(cls, config: DestinationConfig) -> FacebookProvider:
+    def from_config(cls, config: DestinationConfig) -> MetaProvider:
         options = config.options
         account = options.get("ad_account_id")
         if isinstance(account, int) and not isinstance(account, bool):
