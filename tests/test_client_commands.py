@@ -1,5 +1,6 @@
-"""``audience-server upload`` as a subprocess against real server processes: a large CSV,
-kill -9 half-way and resume, a flaky proxy, a conflict, and every input format."""
+"""client/commands.py: ``audience-server upload``, ``status`` and ``sessions`` as subprocesses
+against real server processes: a large CSV, kill -9 half-way and resume, a flaky proxy, a
+conflict, and every input format."""
 
 from __future__ import annotations
 

@@ -1,0 +1,286 @@
+"""The client commands of ``audience-server``: ``upload``, ``status`` and ``sessions``, their
+printing and exit codes. They read only their own flags (and AUDIENCE_URL, AUDIENCE_API_KEY),
+never the server's settings; ``cli.py`` mounts them beside the server commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .. import states
+from ..retry import RetryPolicy
+from ..states import SessionState
+from .errors import InputError, Unreachable, UploadError
+from .http import DEFAULT_URL, AudienceClient
+from .readers import FORMATS, Source
+from .session import DEFAULT_BATCH_SIZE, Plan, upload_source, wait
+from .spool import chunks_of, spool
+from .state import default_state_path
+
+EXIT_OK = 0  # every batch acknowledged; the session complete (or delivered, when waited for)
+EXIT_FAILED = 1  # the server refused a batch (4xx), or the session ended badly
+EXIT_USAGE = 2  # bad arguments, unreadable input, or input that differs from its state file
+EXIT_UNREACHABLE = 3  # transient failures outlasted the retries: re-run the command to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C: re-run the same command to resume
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("AUDIENCE_URL", DEFAULT_URL),
+        help=f"server base URL (AUDIENCE_URL; default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("AUDIENCE_API_KEY"),
+        help="bearer key when the server has API keys (AUDIENCE_API_KEY)",
+    )
+
+
+def _make_client(args: argparse.Namespace) -> AudienceClient:
+    retry = RetryPolicy(
+        base=getattr(args, "retry_base", 0.5),
+        cap=30.0,
+        max_attempts=getattr(args, "max_attempts", 10),
+    )
+    return AudienceClient(args.url, api_key=args.api_key, retry=retry)
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [headers, *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _describe(status: dict[str, Any]) -> str:
+    fields = [
+        ("session", status["sessionId"]),
+        ("name", status["name"]),
+        ("type", status["type"]),
+        ("state", status["state"] + (f" ({status['reason']})" if status.get("reason") else "")),
+        ("batches", f"{status['receivedBatches']:,}/{status['totalBatches']:,}"),
+        ("users", f"{status['receivedUsers']:,}/{status['totalUsers']:,}"),
+    ]
+    missing = status.get("missingSequences")
+    if missing:
+        shown = ", ".join(str(n) for n in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        fields.append(("missing", f"{len(missing)}: {shown}"))
+    fields += [("created", status.get("createdAt")), ("updated", status.get("updatedAt"))]
+    if status.get("expiresAt"):
+        fields.append(("expires", status["expiresAt"]))
+    text = "\n".join(f"{key:<9} {_cell(value)}" for key, value in fields)
+    deliveries = status.get("deliveries") or []
+    if deliveries:
+        rows = [
+            [
+                d["destination"],
+                d["kind"],
+                d["state"],
+                str(d["attempts"]),
+                f"{d['usersSent']:,}",
+                f"{d['invalidUsers']:,}",
+                _cell(d.get("lastError")),
+            ]
+            for d in deliveries
+        ]
+        headers = ["DESTINATION", "KIND", "STATE", "ATTEMPTS", "SENT", "INVALID", "LAST ERROR"]
+        text += "\n\n" + _table(rows, headers)
+    return text
+
+
+def _print_json(body: object) -> None:
+    print(json.dumps(body, indent=2))
+
+
+def _client_errors(run: Callable[[], int]) -> int:
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("audience-server: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except InputError as exc:
+        print(f"audience-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as exc:
+        print(f"audience-server: {exc}; re-run to resume.", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except UploadError as exc:  # Rejected, SessionFailed
+        print(f"audience-server: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"audience-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _upload(args: argparse.Namespace) -> int:
+    def run() -> int:
+        if args.batch_size < 1 or args.concurrency < 1:
+            print("audience-server: --batch-size and --concurrency must be >= 1", file=sys.stderr)
+            return EXIT_USAGE
+        plan = Plan(
+            name=args.name,
+            type=args.type,
+            batch_size=args.batch_size,
+            session_id=args.session_id,
+            concurrency=args.concurrency,
+            sync=args.sync,
+            disable_prefix=args.disable_prefix,
+        )
+        spooled: IO[bytes] | None = None
+        path: Source
+        try:
+            if args.file == "-":
+                spooled = path = spool(chunks_of(sys.stdin.buffer))
+                state_path = Path(args.state) if args.state else None
+            else:
+                path = Path(args.file)
+                if not path.is_file():
+                    print(f"audience-server: {path} is not a file", file=sys.stderr)
+                    return EXIT_USAGE
+                state_path = Path(args.state) if args.state else default_state_path(path)
+            with _make_client(args) as client:
+                result = upload_source(
+                    client,
+                    path,
+                    plan,
+                    fmt=args.format,
+                    state_path=state_path,
+                    progress_stream=sys.stderr,
+                    progress_interval=args.progress_interval,
+                )
+                status = result.status
+                if args.wait:
+                    status = wait(client, result.session_id, args.wait_timeout)
+        finally:
+            if spooled is not None:
+                spooled.close()
+        print(
+            f"sent {result.sent_batches} of {result.total_batches} batches "
+            f"({result.skipped_batches} the server already had)"
+        )
+        print(_describe(status))
+        if args.sync or args.wait:
+            if status["state"] not in states.ENDED:
+                print("audience-server: deliveries have not ended yet", file=sys.stderr)
+                return EXIT_UNREACHABLE
+            if status["state"] != SessionState.DELIVERED:
+                print(f"audience-server: session ended {status['state']}", file=sys.stderr)
+                return EXIT_FAILED
+        return EXIT_OK
+
+    return _client_errors(run)
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _make_client(args) as client:
+            status = client.status(args.session_id)
+        if status is None:
+            print(f"audience-server: session {args.session_id} does not exist", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            _print_json(status)
+        else:
+            print(_describe(status))
+        return EXIT_OK
+
+    return _client_errors(run)
+
+
+def _sessions_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _make_client(args) as client:
+            page = client.sessions(
+                state=args.state, name=args.name, limit=args.limit, cursor=args.cursor
+            )
+        if args.json:
+            _print_json(page)
+            return EXIT_OK
+        rows = [
+            [
+                s["sessionId"],
+                s["name"],
+                s["type"],
+                s["state"],
+                f"{s['receivedBatches']:,}/{s['totalBatches']:,}",
+                f"{s['receivedUsers']:,}/{s['totalUsers']:,}",
+                ",".join(f"{d['destination']}:{d['state']}" for d in s["deliveries"]) or "-",
+                _cell(s.get("updatedAt")),
+            ]
+            for s in page["sessions"]
+        ]
+        headers = ["SESSION", "NAME", "TYPE", "STATE", "BATCHES", "USERS", "DELIVERIES", "UPDATED"]
+        print(_table(rows, headers) if rows else "no sessions")
+        if page.get("nextCursor"):
+            print(f"\nmore: --cursor {page['nextCursor']}")
+        return EXIT_OK
+
+    return _client_errors(run)
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``upload``, ``status`` and ``sessions``: the HTTP client side of the command."""
+    upload = commands.add_parser(
+        "upload",
+        help="upload a CSV / NDJSON / JSON file of users as one session (resumable)",
+        description=(
+            "Exit codes: 0 every batch acknowledged and the session complete (delivered, "
+            "with --sync/--wait); 1 the server refused a batch or the session ended badly; "
+            "2 bad arguments, unreadable input, or input that changed since its state file; "
+            "3 the server stayed unreachable (re-run to resume); 130 interrupted (re-run)."
+        ),
+    )
+    upload.add_argument(
+        "file", help="the users: CSV with a header row, NDJSON, a JSON array; - is stdin"
+    )
+    upload.add_argument("--name", required=True, help="segment name")
+    upload.add_argument("--type", choices=("custom", "primary"), default="custom")
+    upload.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="users per batch"
+    )
+    upload.add_argument("--session-id", help="session id (default: new, or the state file's)")
+    upload.add_argument(
+        "--sync", action="store_true", help="the completing batch waits for delivery"
+    )
+    upload.add_argument("--wait", action="store_true", help="poll until deliveries have ended")
+    upload.add_argument("--wait-timeout", type=float, default=600.0, help="seconds (default 600)")
+    upload.add_argument("--disable-prefix", action="store_true", help="no segment name prefix")
+    upload.add_argument("--concurrency", type=int, default=1, help="batches in flight at once")
+    upload.add_argument("--format", choices=FORMATS, help="default: detected")
+    upload.add_argument(
+        "--state", help="resume state file (default FILE.upload-state.json; none for stdin)"
+    )
+    upload.add_argument("--max-attempts", type=int, default=10, help="attempts per request")
+    upload.add_argument("--retry-base", type=float, default=0.5, help="first retry delay, s")
+    upload.add_argument(
+        "--progress-interval", type=float, default=5.0, help="seconds between progress lines"
+    )
+    _client_options(upload)
+    upload.set_defaults(run=_upload)
+
+    status = commands.add_parser("status", help="show one session and its deliveries")
+    status.add_argument("session_id", metavar="ID")
+    status.add_argument("--json", action="store_true", help="print the API's JSON")
+    _client_options(status)
+    status.set_defaults(run=_status_command)
+
+    sessions = commands.add_parser("sessions", help="list sessions, newest activity first")
+    sessions.add_argument("--state", help="only sessions in this state")
+    sessions.add_argument("--name", help="only sessions of this name")
+    sessions.add_argument("--limit", type=int, default=50)
+    sessions.add_argument("--cursor", help="the next page, as printed after a full page")
+    sessions.add_argument("--json", action="store_true", help="print the API's JSON")
+    _client_options(sessions)
+    sessions.set_defaults(run=_sessions_command)
