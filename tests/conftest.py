@@ -138,6 +138,18 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
+def fast(database_url: str) -> Settings:
+    """Settings for deliveries that retry: short backoff, a short poll, four attempts."""
+    return Settings(
+        database_url=database_url,
+        retry_base=dt.timedelta(milliseconds=20),
+        retry_cap=dt.timedelta(milliseconds=100),
+        poll_interval=dt.timedelta(milliseconds=50),
+        delivery_max_attempts=4,
+    )
+
+
+@pytest.fixture
 def client(settings: Settings, engine: Engine, clock: FakeClock) -> Iterator[TestClient]:
     """The app without a delivery worker: sessions stop at ``complete``."""
     app = create_app(

@@ -37,8 +37,7 @@ from audience_server.providers.google import (
 )
 from audience_server.settings import Settings
 from tests.emulators.google import GoogleEmulator, Member
-from tests.helpers import errors, form, send
-from tests.test_delivery import NAME, destinations, serve, status
+from tests.helpers import NAME, destinations, errors, form, send, serve, status
 
 TOKEN = "ya29.token-main"
 ACCOUNT = "1234567890"
@@ -76,17 +75,6 @@ def options(google: GoogleEmulator, **extra: Any) -> dict[str, Any]:
 def provider(google: GoogleEmulator, **extra: Any) -> GoogleProvider:
     config = DestinationConfig("google-ads", "google", options(google, **extra), line=1)
     return GoogleProvider.from_config(config)
-
-
-@pytest.fixture
-def fast(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        retry_base=dt.timedelta(milliseconds=20),
-        retry_cap=dt.timedelta(milliseconds=100),
-        poll_interval=dt.timedelta(milliseconds=50),
-        delivery_max_attempts=6,
-    )
 
 
 # --- users with known normalized forms --------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 import httpx2
 import pytest
 from sqlalchemy import Engine, select
-from starlette.testclient import TestClient
 
 from audience_server.destinations import DestinationConfig, OptionError
 from audience_server.models import delivery_attempts
@@ -34,12 +33,10 @@ from audience_server.providers.klaviyo import (
 )
 from audience_server.settings import Settings
 from tests.emulators.klaviyo import MEDIA_TYPE, KlaviyoEmulator
-from tests.helpers import errors, form, send
-from tests.test_delivery import destinations, serve, status
+from tests.helpers import NAME, destinations, errors, serve, status, upload
 
 KEY = "pk_live_one"
 OTHER_KEY = "pk_live_two"
-NAME = "High Value Customers Q1"
 LIST = "blotout_High_Value_Customers_Q1"
 FORBIDDEN = "You do not have permission to perform this action."
 
@@ -50,39 +47,8 @@ def klaviyo() -> Iterator[KlaviyoEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def fast(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        retry_base=dt.timedelta(milliseconds=20),
-        retry_cap=dt.timedelta(milliseconds=100),
-        poll_interval=dt.timedelta(milliseconds=50),
-        delivery_max_attempts=4,
-    )
-
-
 def options(klaviyo: KlaviyoEmulator, api_key: str = KEY, **extra: Any) -> dict[str, Any]:
     return {"base_url": klaviyo.base_url, "api_key": api_key, "poll_interval": 0.005, **extra}
-
-
-def upload(
-    client: TestClient,
-    key: str,
-    users: list[dict[str, Any]],
-    batches_of: int,
-    query: str = "?sync=true",
-    *,
-    type: str = "custom",
-) -> Any:
-    """Send ``users`` in batches, sequence 1 last (it completes the session); its response."""
-    parts = [users[i : i + batches_of] for i in range(0, len(users), batches_of)]
-    response = None
-    for sequence in [*range(2, len(parts) + 1), 1]:
-        fields = form(key, sequence, len(parts), len(users), parts[sequence - 1], type=type)
-        response = send(client, fields, query if sequence == 1 else "")
-        if sequence != 1:
-            assert response.status_code == 200, response.text
-    return response
 
 
 def canonical(profiles: Sequence[dict[str, Any]]) -> list[str]:
@@ -614,7 +580,7 @@ def test_mixed_25k_session_lands_exactly(
     sent = [*users, users[0], users[3], dict(reversed(list(users[11].items())))]  # exact repeats
     where = destinations(("kl-main", "klaviyo", options(klaviyo)))
     with serve(fast, engine, where) as client:
-        response = upload(client, "mixed", sent, 5_000)
+        response = upload(client, "mixed", sent, 5_000, "?sync=true")
         assert (response.status_code, response.content) == (200, b'{"success": true}')
         body = status(client, "mixed")
     (delivery,) = body["deliveries"]
@@ -647,14 +613,15 @@ def test_primary_replaces_and_custom_adds(
 ) -> None:
     where = destinations(("kl-main", "klaviyo", options(klaviyo)))
     with serve(fast, engine, where) as client:
-        assert upload(client, "first", simple_users(0, 300), 100).status_code == 200
+        assert upload(client, "first", simple_users(0, 300), 100, "?sync=true").status_code == 200
         first_ids = ids_by_email(klaviyo)
-        assert upload(client, "more", simple_users(300, 50), 100).status_code == 200
+        assert upload(client, "more", simple_users(300, 50), 100, "?sync=true").status_code == 200
         assert canonical(klaviyo.members(LIST)) == canonical(simple_profiles(0, 350))
 
         kept = simple_users(250, 100)  # 50 from the first upload, 50 from the second
         replacement = [*kept, *simple_users(1_000, 20)]
-        assert upload(client, "replace", replacement, 50, type="primary").status_code == 200
+        replaced = upload(client, "replace", replacement, 50, "?sync=true", type="primary")
+        assert replaced.status_code == 200
         body = status(client, "replace")
     assert body["deliveries"][0]["state"] == "succeeded"
     assert canonical(klaviyo.members(LIST)) == canonical(
@@ -673,9 +640,9 @@ def test_primary_with_nobody_usable_empties_the_list(
 ) -> None:
     where = destinations(("kl-main", "klaviyo", options(klaviyo)))
     with serve(fast, engine, where) as client:
-        assert upload(client, "first", simple_users(0, 30), 30).status_code == 200
+        assert upload(client, "first", simple_users(0, 30), 30, "?sync=true").status_code == 200
         users = [{"firstName": "Nobody"}, {"email": "broken"}]
-        assert upload(client, "empty", users, 2, type="primary").status_code == 200
+        assert upload(client, "empty", users, 2, "?sync=true", type="primary").status_code == 200
         assert status(client, "empty")["deliveries"][0]["invalidUsers"] == 2
     assert klaviyo.members(LIST) == []
 
@@ -685,13 +652,13 @@ def test_rate_limits_and_outages_are_retried_to_success(
 ) -> None:
     where = destinations(("kl-main", "klaviyo", options(klaviyo, chunk_size=20)))
     with serve(fast, engine, where) as client:
-        assert upload(client, "before", simple_users(0, 30), 30).status_code == 200
+        assert upload(client, "before", simple_users(0, 30), 30, "?sync=true").status_code == 200
         # A 429 on the first import; then a 503 at the very end, on the removal of members
         # who are not in the new segment: each retried attempt starts over from chunk 1.
         klaviyo.fail(429, retry_after="1", method="POST", path="/api/profile-bulk-import-jobs")
         klaviyo.fail(503, method="DELETE")
         users = [*simple_users(20, 10), *simple_users(100, 30)]
-        assert upload(client, "flaky", users, 20, type="primary").status_code == 200
+        assert upload(client, "flaky", users, 20, "?sync=true", type="primary").status_code == 200
         body = status(client, "flaky")
     (delivery,) = body["deliveries"]
     assert (delivery["state"], delivery["attempts"], delivery["lastError"]) == (
@@ -730,7 +697,7 @@ def test_permanent_errors_fail_with_klaviyos_message(
         ("kl-typo", "klaviyo", options(klaviyo, api_key="pk_revoked")),
     )
     with serve(fast, engine, where) as client:
-        response = upload(client, "denied", simple_users(0, 10), 5)
+        response = upload(client, "denied", simple_users(0, 10), 5, "?sync=true")
         body = status(client, "denied")
     assert response.status_code == 400
     assert errors(response) == [
@@ -756,7 +723,7 @@ def test_two_accounts_each_receive_the_segment(
         ("kl-eu", "klaviyo", options(klaviyo, OTHER_KEY, revision="2025-01-15")),
     )
     with serve(fast, engine, where) as client:
-        assert upload(client, "both", users, 10).status_code == 200
+        assert upload(client, "both", users, 10, "?sync=true").status_code == 200
         body = status(client, "both")
     assert [d["state"] for d in body["deliveries"]] == ["succeeded", "succeeded"]
     for api_key in (KEY, OTHER_KEY):

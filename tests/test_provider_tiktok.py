@@ -14,12 +14,9 @@ from typing import Any, TypeVar
 import httpx2
 import pytest
 from sqlalchemy import Engine, select
-from starlette.testclient import TestClient
 
-from audience_server.app import Destinations
 from audience_server.destinations import DestinationConfig, OptionError
 from audience_server.models import delivery_attempts
-from audience_server.providers import provider_class
 from audience_server.providers.base import (
     Chunk,
     ChunkResult,
@@ -30,14 +27,12 @@ from audience_server.providers.base import (
 from audience_server.providers.tiktok import TikTokProvider, batch_data, identifiers
 from audience_server.settings import Settings
 from tests.emulators.tiktok import AUDIENCE, LIST, MAPPING, TikTokEmulator
-from tests.helpers import errors, form, send
-from tests.test_delivery import serve, status
+from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
 
 ADVERTISER = "7000000000000000001"
 OTHER_ADVERTISER = "7000000000000000002"
 TOKEN = "tok-main"
 OTHER_TOKEN = "tok-other"
-NAME = "High Value Customers Q1"
 AUDIENCE_NAME = "blotout_High_Value_Customers_Q1"
 EMAIL, PHONE = "EMAIL_SHA256", "PHONE_SHA256"
 T = TypeVar("T")
@@ -54,17 +49,6 @@ def tiktok() -> Iterator[TikTokEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def fast(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        retry_base=dt.timedelta(milliseconds=20),
-        retry_cap=dt.timedelta(milliseconds=100),
-        poll_interval=dt.timedelta(milliseconds=50),
-        delivery_max_attempts=4,
-    )
-
-
 def options(emulator: TikTokEmulator, **extra: Any) -> dict[str, Any]:
     return {
         "access_token": TOKEN,
@@ -72,34 +56,6 @@ def options(emulator: TikTokEmulator, **extra: Any) -> dict[str, Any]:
         "base_url": emulator.base_url,
         **extra,
     }
-
-
-def destinations(*configs: tuple[str, dict[str, Any]]) -> Destinations:
-    built = {}
-    for index, (destination_id, opts) in enumerate(configs):
-        config = DestinationConfig(destination_id, "tiktok", opts, line=index + 1)
-        built[destination_id] = (config, provider_class("tiktok").from_config(config))
-    return built
-
-
-def upload(
-    client: TestClient,
-    key: str,
-    users: list[dict[str, Any]],
-    batches_of: int,
-    query: str = "?sync=true",
-    type: str = "custom",
-) -> Any:
-    """Send ``users`` in batches, the completing one (sequence 1) last with ``query``."""
-    parts = [users[i : i + batches_of] for i in range(0, len(users), batches_of)]
-    response = None
-    for sequence in [*range(2, len(parts) + 1), 1]:
-        fields = form(key, sequence, len(parts), len(users), parts[sequence - 1], name=NAME)
-        fields["type"] = type
-        response = send(client, fields, query if sequence == 1 else "")
-        if sequence != 1:
-            assert response.status_code == 200, response.text
-    return response
 
 
 def contacts(count: int, start: int = 0) -> list[dict[str, Any]]:
@@ -598,8 +554,8 @@ def test_mixed_session_of_25000_users_is_delivered_exactly(
 ) -> None:
     users, expected, invalid = mixed_users(25_000)
     sent = [*users, *users[100:110], users[24_999]]  # exact duplicates, dropped before us
-    with serve(fast, engine, destinations(("tt", options(tiktok)))) as client:
-        response = upload(client, "big", sent, 5_000)
+    with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
+        response = upload(client, "big", sent, 5_000, "?sync=true")
         assert (response.status_code, response.content) == (200, b'{"success": true}')
         body = status(client, "big")
     assert body["state"] == "delivered"
@@ -625,21 +581,21 @@ def test_mixed_session_of_25000_users_is_delivered_exactly(
 def test_custom_adds_and_primary_replaces(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
-    with serve(fast, engine, destinations(("tt", options(tiktok)))) as client:
-        assert upload(client, "first", contacts(30), 10).status_code == 200
+    with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
+        assert upload(client, "first", contacts(30), 10, "?sync=true").status_code == 200
         first = tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id
-        assert upload(client, "more", contacts(10, 30), 10).status_code == 200
+        assert upload(client, "more", contacts(10, 30), 10, "?sync=true").status_code == 200
         assert tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id == first
         assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(40)
 
-        response = upload(client, "whole", contacts(8, 5), 3, type="primary")
+        response = upload(client, "whole", contacts(8, 5), 3, "?sync=true", type="primary")
         assert response.status_code == 200, response.text
         assert status(client, "whole")["deliveries"][0]["state"] == "succeeded"
         replaced = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
         assert replaced.audience_id != first
         assert replaced.members == expected_members(8, 5)
 
-        assert upload(client, "after", contacts(2, 100), 2).status_code == 200
+        assert upload(client, "after", contacts(2, 100), 2, "?sync=true").status_code == 200
     replaced_then_added = expected_members(8, 5)
     for kind, digests in expected_members(2, 100).items():
         replaced_then_added[kind] |= digests
@@ -653,9 +609,9 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
     tiktok.respond_with_code(40100, endpoint=LIST)
     tiktok.respond_with_code(50000, endpoint=MAPPING)
     tiktok.respond_with_status(500, endpoint=MAPPING)
-    where = destinations(("tt", options(tiktok, chunk_size=5)))
+    where = destinations(("tt", "tiktok", options(tiktok, chunk_size=5)))
     with serve(fast, engine, where) as client:
-        assert upload(client, "flaky", contacts(12), 6).status_code == 200
+        assert upload(client, "flaky", contacts(12), 6, "?sync=true").status_code == 200
         body = status(client, "flaky")
     (delivery,) = body["deliveries"]
     assert (delivery["state"], delivery["attempts"], delivery["lastError"]) == (
@@ -677,8 +633,8 @@ def test_retry_after_of_a_raw_429_is_honoured(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
     tiktok.respond_with_status(429, retry_after="1", endpoint=MAPPING)
-    with serve(fast, engine, destinations(("tt", options(tiktok)))) as client:
-        assert upload(client, "slow", contacts(3), 3).status_code == 200
+    with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
+        assert upload(client, "slow", contacts(3), 3, "?sync=true").status_code == 200
     with engine.connect() as conn:
         rows = conn.execute(select(delivery_attempts).order_by(delivery_attempts.c.number)).all()
     assert [(r.outcome, r.http_status) for r in rows] == [("retry", 429), ("succeeded", 200)]
@@ -691,8 +647,8 @@ def test_permanent_error_fails_the_delivery_with_tiktoks_message(
 ) -> None:
     message = "Advertiser does not grant you Audience Management permission."
     tiktok.respond_with_code(40001, message=message, endpoint=MAPPING)
-    with serve(fast, engine, destinations(("tt", options(tiktok)))) as client:
-        response = upload(client, "denied", contacts(4), 2)
+    with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
+        response = upload(client, "denied", contacts(4), 2, "?sync=true")
         assert response.status_code == 400
         (error,) = errors(response)
         body = status(client, "denied")
@@ -716,9 +672,9 @@ def test_permanent_error_fails_the_delivery_with_tiktoks_message(
 def test_wrong_token_fails_with_the_auth_error(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
-    where = destinations(("tt", options(tiktok, access_token="expired")))
+    where = destinations(("tt", "tiktok", options(tiktok, access_token="expired")))
     with serve(fast, engine, where) as client:
-        response = upload(client, "auth", contacts(2), 2)
+        response = upload(client, "auth", contacts(2), 2, "?sync=true")
     assert response.status_code == 400
     (error,) = errors(response)
     assert re.fullmatch(
@@ -731,11 +687,15 @@ def test_two_accounts_each_receive_the_segment(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
     where = destinations(
-        ("tt-us", options(tiktok)),
-        ("tt-eu", options(tiktok, access_token=OTHER_TOKEN, advertiser_id=OTHER_ADVERTISER)),
+        ("tt-us", "tiktok", options(tiktok)),
+        (
+            "tt-eu",
+            "tiktok",
+            options(tiktok, access_token=OTHER_TOKEN, advertiser_id=OTHER_ADVERTISER),
+        ),
     )
     with serve(fast, engine, where) as client:
-        assert upload(client, "both", contacts(7), 4).status_code == 200
+        assert upload(client, "both", contacts(7), 4, "?sync=true").status_code == 200
         body = status(client, "both")
     assert [d["state"] for d in body["deliveries"]] == ["succeeded", "succeeded"]
     assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(7)

@@ -1,11 +1,10 @@
-"""The ``facebook`` provider (Meta Custom Audiences): how users become rows, how Graph errors
-are classified, what the Meta emulator refuses, and delivery over the real app and worker on
-SQLite and PostgreSQL, asserting on the membership the emulator holds."""
+"""The Meta provider (Custom Audiences; config kind ``facebook``): how users become rows, how
+Graph errors are classified, what the Meta emulator refuses, and delivery over the real app and
+worker on SQLite and PostgreSQL, asserting on the membership the emulator holds."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import json
 from collections.abc import Coroutine, Iterator
@@ -28,8 +27,7 @@ from audience_server.providers.meta import MetaProvider, graph_error, payload, u
 from audience_server.settings import Settings
 from tests.conftest import make_users
 from tests.emulators.meta import Member, MetaEmulator, member
-from tests.helpers import errors, form, send
-from tests.test_delivery import NAME, destinations, serve, status, upload
+from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
 
 SEGMENT = "blotout_High_Value_Customers_Q1"
 ACCOUNT_A, TOKEN_A = "1234567890", "token-a"
@@ -61,17 +59,6 @@ def http() -> Iterator[httpx2.Client]:
         yield client
 
 
-@pytest.fixture
-def fast(database_url: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        retry_base=dt.timedelta(milliseconds=20),
-        retry_cap=dt.timedelta(milliseconds=100),
-        poll_interval=dt.timedelta(milliseconds=50),
-        delivery_max_attempts=4,
-    )
-
-
 def options(meta: MetaEmulator, **extra: Any) -> dict[str, Any]:
     return {
         "ad_account_id": f"act_{ACCOUNT_A}",
@@ -91,17 +78,17 @@ def segment(kind: str = "custom", total: int = 0) -> Segment:
 
 
 async def deliver(
-    fb: MetaProvider, seg: Segment, users: list[dict[str, Any]], size: int
+    made: MetaProvider, seg: Segment, users: list[dict[str, Any]], size: int
 ) -> list[ChunkResult]:
     """One attempt, as the worker runs it: chunks in order, the last flagged."""
     parts = [users[i : i + size] for i in range(0, len(users), size)] or [[]]
     try:
         return [
-            await fb.send(seg, Chunk(index, index == len(parts), part))
+            await made.send(seg, Chunk(index, index == len(parts), part))
             for index, part in enumerate(parts, start=1)
         ]
     finally:
-        await fb.aclose()
+        await made.aclose()
 
 
 def standard_member(user: dict[str, Any]) -> Member:
@@ -238,10 +225,14 @@ def test_payload_has_the_keys_present_in_the_chunk_in_order() -> None:
 @pytest.mark.parametrize("account", ["act_1234", "1234", 1234, " act_1234 "])
 def test_ad_account_id_is_normalized_to_act_prefix(account: Any) -> None:
     config = DestinationConfig("m", "facebook", {"ad_account_id": account, "access_token": "t"}, 1)
-    fb = MetaProvider.from_config(config)
-    assert fb.account_id == "act_1234"
-    assert (fb.graph_version, fb.customer_file_source) == ("v25.0", "USER_PROVIDED_ONLY")
-    assert (fb.base_url, fb.chunk_size, fb.timeout) == ("https://graph.facebook.com", 10_000, 30)
+    made = MetaProvider.from_config(config)
+    assert made.account_id == "act_1234"
+    assert (made.graph_version, made.customer_file_source) == ("v25.0", "USER_PROVIDED_ONLY")
+    assert (made.base_url, made.chunk_size, made.timeout) == (
+        "https://graph.facebook.com",
+        10_000,
+        30,
+    )
 
 
 @pytest.mark.parametrize(
@@ -280,9 +271,16 @@ def test_other_options_are_taken() -> None:
         "chunk_size": 5_000,
         "timeout": 2.5,
     }
-    fb = MetaProvider.from_config(DestinationConfig("m", "facebook", values, 1))
-    assert (fb.graph_version, fb.customer_file_source) == ("v24.0", values["customer_file_source"])
-    assert (fb.base_url, fb.chunk_size, fb.timeout) == ("http://proxy.internal/graph", 5_000, 2.5)
+    made = MetaProvider.from_config(DestinationConfig("m", "facebook", values, 1))
+    assert (made.graph_version, made.customer_file_source) == (
+        "v24.0",
+        values["customer_file_source"],
+    )
+    assert (made.base_url, made.chunk_size, made.timeout) == (
+        "http://proxy.internal/graph",
+        5_000,
+        2.5,
+    )
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -567,7 +565,7 @@ def test_emulator_pages_audiences_with_cursors(http: httpx2.Client) -> None:
         assert error_of(after)[:2] == (400, 100)
 
 
-# --- the adapter against the emulator, one attempt at a time ---------------------------------
+# --- the made against the emulator, one attempt at a time ---------------------------------
 
 
 def test_an_existing_audience_is_found_on_a_later_page_and_remembered() -> None:
@@ -577,13 +575,13 @@ def test_an_existing_audience_is_found_on_a_later_page_and_remembered() -> None:
             meta.add_audience(ACCOUNT_A, f"someone else's {i}")
         audience_id = meta.add_audience(ACCOUNT_A, SEGMENT)
         meta.add_audience(ACCOUNT_A, "after it")
-        fb = provider(meta)
+        made = provider(meta)
         users = make_users(3)
-        results = run(deliver(fb, segment(total=3), users, 10))
+        results = run(deliver(made, segment(total=3), users, 10))
         assert results == [ChunkResult(invalid=0, status=200)]
         assert [c.kind for c in meta.calls] == ["list", "list", "list", "users"]
         assert {u.audience_id for u in meta.uploads()} == {audience_id}
-        run(deliver(fb, segment(total=3), users, 10))  # the id is remembered
+        run(deliver(made, segment(total=3), users, 10))  # the id is remembered
         assert [c.kind for c in meta.calls][4:] == ["users"]
         assert len(meta.audiences(ACCOUNT_A)) == 24
         assert meta.members(ACCOUNT_A, SEGMENT) == {standard_member(u) for u in users}
@@ -591,11 +589,11 @@ def test_an_existing_audience_is_found_on_a_later_page_and_remembered() -> None:
 
 
 def test_an_audience_deleted_at_meta_is_created_again(meta: MetaEmulator) -> None:
-    fb = provider(meta)
+    made = provider(meta)
     users = make_users(4)
-    run(deliver(fb, segment(total=4), users[:2], 10))
+    run(deliver(made, segment(total=4), users[:2], 10))
     meta.delete_audience(meta.audience(ACCOUNT_A, SEGMENT).id)
-    run(deliver(fb, segment(total=2), users[2:], 10))
+    run(deliver(made, segment(total=2), users[2:], 10))
     (audience,) = meta.audiences(ACCOUNT_A)
     assert audience.members == {standard_member(u) for u in users[2:]}
     assert audience.customer_file_source == "USER_PROVIDED_ONLY"
@@ -613,11 +611,11 @@ def test_an_audience_deleted_at_meta_is_created_again(meta: MetaEmulator) -> Non
 def test_one_session_per_attempt_and_a_final_chunk_with_nobody_usable_still_closes_it(
     meta: MetaEmulator,
 ) -> None:
-    fb = provider(meta, chunk_size=2)
+    made = provider(meta, chunk_size=2)
     meta.add_audience(ACCOUNT_A, SEGMENT, members=[member(EMAIL=h("old@example.com"))])
     users = [*make_users(3), {"email": "nope"}, {"firstName": "Jane"}]
     seg = segment("primary", total=5)
-    results = run(deliver(fb, seg, users, 2))
+    results = run(deliver(made, seg, users, 2))
     assert [r.invalid for r in results] == [0, 1, 1]
     uploads = meta.uploads()
     assert [(u.edge, u.batch_seq, u.last, u.rows) for u in uploads] == [
@@ -631,7 +629,7 @@ def test_one_session_per_attempt_and_a_final_chunk_with_nobody_usable_still_clos
     assert meta.members(ACCOUNT_A, SEGMENT) == {standard_member(u) for u in users[:3]}
 
     again = segment("primary", total=5)
-    run(deliver(fb, again, users, 2))
+    run(deliver(made, again, users, 2))
     assert again.state["session_id"] != seg.state["session_id"]
 
 
@@ -677,7 +675,7 @@ def test_a_proxy_error_page_is_retryable(meta: MetaEmulator) -> None:
 
 def mixed_users(count: int) -> tuple[list[dict[str, Any]], set[Member], int]:
     """Users with every mix of fields, the rows Meta should hold for them (derived by hand
-    from Meta's rules, not by the adapter), and how many have nothing Meta can match."""
+    from Meta's rules, not by the made), and how many have nothing Meta can match."""
     users: list[dict[str, Any]] = []
     expected: set[Member] = set()
     invalid = 0
