@@ -241,8 +241,12 @@ def upload_source(
             input_size=found.size,
             input_sha256=found.sha256,
         )
-    if state_path is not None:
-        save_state(state_path, state)
+
+    def keep() -> None:
+        if state_path is not None:
+            save_state(state_path, state)
+
+    keep()
     progress = None
     if progress_stream is not None:
         progress = Progress(
@@ -273,8 +277,8 @@ def upload_source(
             progress.advance(users)
         if on_batch is not None:
             on_batch(sequence, users)
-        if state_path is not None and time.monotonic() - last_saved > 1.0:
-            save_state(state_path, state)
+        if time.monotonic() - last_saved > 1.0:
+            keep()
             last_saved = time.monotonic()
 
     try:
@@ -290,12 +294,10 @@ def upload_source(
     finally:
         if progress is not None:
             progress.close()
-        if state_path is not None:
-            save_state(state_path, state)
+        keep()
     state.finished = True
     state.acknowledged = state.total_batches
-    if state_path is not None:
-        save_state(state_path, state)
+    keep()
     return result
 
 
