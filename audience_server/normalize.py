@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import Literal
 
 import phonenumbers
@@ -45,6 +46,14 @@ def hash_value(value: str | None) -> str | None:
     if is_sha256(value):
         return value.strip().lower()
     return sha256(value)
+
+
+def hashed(value: object, normalizer: Callable[[object], str | None]) -> str | None:
+    """SHA-256 of ``normalizer(value)``; a digest passes through (lowercased) before the
+    normalizer sees it, even one that would reject it (``country``)."""
+    if is_sha256(value):
+        return str(value).strip().lower()
+    return hash_value(normalizer(value))
 
 
 def _text(value: object) -> str | None:

@@ -10,11 +10,11 @@ dispatcher never sees a foreign exception type.
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
+
+from ..destinations import DestinationConfig
 
 
 @dataclass
@@ -72,6 +72,11 @@ class Provider(Protocol):
 
     chunk_size: int
 
+    @classmethod
+    def from_config(cls, config: DestinationConfig) -> Self:
+        """The provider of one ``[[destinations]]`` table; OptionError names a bad option."""
+        ...
+
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
         """Deliver one chunk; chunks of an attempt come in order, the last flagged."""
         ...
@@ -79,34 +84,3 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release connections; called when the worker stops."""
         ...
-
-
-def retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    now = now or dt.datetime.now(dt.UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def positive_int_option(options: Mapping[str, Any], name: str, default: int, high: int) -> int:
-    """An integer option in 1..high; raises OptionError naming it otherwise."""
-    from ..destinations import OptionError
-
-    value = options.get(name, default)
-    if type(value) is not int or not 1 <= value <= high:
-        raise OptionError(name, f"must be an integer from 1 to {high}")
-    return value

@@ -17,7 +17,8 @@ import anyio.to_thread
 import msgspec
 
 from ..destinations import DestinationConfig, OptionError
-from .base import Chunk, ChunkResult, PermanentError, Segment, positive_int_option
+from . import options as check
+from .base import Chunk, ChunkResult, PermanentError, Segment
 
 _encode = msgspec.json.Encoder().encode
 
@@ -32,7 +33,7 @@ class FileProvider:
         raw = config.options.get("dir", f"./deliveries/{config.id}")
         if not isinstance(raw, str) or not raw:
             raise OptionError("dir", "must be a directory path")
-        return cls(Path(raw), positive_int_option(config.options, "chunk_size", 10_000, 1_000_000))
+        return cls(Path(raw), check.positive_int(config.options, "chunk_size", 10_000, 1_000_000))
 
     def final_path(self, segment: Segment) -> Path:
         folder = self.directory if segment.tenant == "default" else self.directory / segment.tenant

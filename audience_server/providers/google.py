@@ -72,24 +72,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx2
 import orjson
 
 from .. import normalize
 from ..destinations import DestinationConfig, OptionError
-from .base import (
-    Chunk,
-    ChunkResult,
-    DeliveryError,
-    PermanentError,
-    RetryableError,
-    Segment,
-    parse_retry_after,
-    positive_int_option,
-    retryable_status,
-)
+from . import options as check
+from .base import Chunk, ChunkResult, DeliveryError, PermanentError, RetryableError, Segment
+from .http import HttpAdapter, excerpt, parse_retry_after, retryable_status, status_error
 
 log = logging.getLogger("audience_server.providers.google")
 
@@ -144,21 +134,15 @@ def name(value: object) -> str | None:
     return normalize.name(" ".join(words))
 
 
-def _hashed(value: object, normalizer: Callable[[object], str | None]) -> str | None:
-    if normalize.is_sha256(value):
-        return str(value).strip().lower()
-    return normalize.hash_value(normalizer(value))
-
-
 def audience_member(user: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``AudienceMember`` for one user as received, or None when nothing is usable."""
     identifiers: list[dict[str, Any]] = []
-    hashed_email = _hashed(user.get("email"), email)
+    hashed_email = normalize.hashed(user.get("email"), email)
     if hashed_email is not None:
         identifiers.append({"emailAddress": hashed_email})
     raw_country = user.get("country")
     country = raw_country if isinstance(raw_country, str) else None
-    phone = _hashed(user.get("phone"), lambda value: normalize.phone_e164(value, country))
+    phone = normalize.hashed(user.get("phone"), lambda value: normalize.phone_e164(value, country))
     if phone is not None:
         identifiers.append({"phoneNumber": phone})
     address = _address(user)
@@ -173,8 +157,8 @@ def _address(user: Mapping[str, Any]) -> dict[str, str] | None:
     region = normalize.country(user.get("country"))
     if region is None:
         return None
-    given = _hashed(user.get("firstName"), name)
-    family = _hashed(user.get("lastName"), name)
+    given = normalize.hashed(user.get("firstName"), name)
+    family = normalize.hashed(user.get("lastName"), name)
     postal = normalize.postal_code(user.get("postalCode"), region)
     if given is None or family is None or postal is None:
         return None
@@ -206,8 +190,10 @@ class _ListGone(PermanentError):
     """Google does not know the user list id the request named."""
 
 
-class GoogleProvider:
+class GoogleProvider(HttpAdapter):
     """Delivers segments to Customer Match lists of one Google account."""
+
+    platform = "Google Data Manager"
 
     def __init__(
         self,
@@ -238,14 +224,11 @@ class GoogleProvider:
         self.timeout = timeout
         self.base_url = base_url.rstrip("/")
         self._lists: dict[str, str] = {}  # segment name -> list id found or created
-        self._client: httpx2.AsyncClient | None = None
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> GoogleProvider:
         options = config.options
-        token = options.get("access_token")
-        if not isinstance(token, str) or not token.strip():
-            raise OptionError("access_token", "is required: an OAuth 2 access token")
+        token = check.token(options, "access_token", "an OAuth 2 access token")
         account_type = _account_type(options, "account_type", "GOOGLE_ADS")
         account_id = _account_id(options, "account_id", required=True)
         assert account_id is not None
@@ -261,21 +244,15 @@ class GoogleProvider:
             if list_id is None:  # TOML has no null, but a caller's dict may
                 raise OptionError(f"user_lists.{key}", "must be a numeric user list id")
             lists[str(key)] = list_id
-        membership_days = options.get("membership_days")
-        if membership_days is not None and (
-            type(membership_days) is not int or not 1 <= membership_days <= MAX_MEMBERSHIP_DAYS
-        ):
-            raise OptionError(
-                "membership_days", f"must be an integer from 1 to {MAX_MEMBERSHIP_DAYS}"
+        membership_days = None
+        if options.get("membership_days") is not None:
+            membership_days = check.positive_int(
+                options, "membership_days", MAX_MEMBERSHIP_DAYS, MAX_MEMBERSHIP_DAYS
             )
-        timeout = options.get("timeout", 30)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise OptionError("timeout", "must be a number of seconds greater than zero")
-        base_url = options.get("base_url", DEFAULT_BASE_URL)
-        if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
-            raise OptionError("base_url", "must be an http:// or https:// URL")
+        timeout = check.seconds(options, "timeout", 30)
+        base_url = check.http_url(options, "base_url", DEFAULT_BASE_URL)
         return cls(
-            access_token=token.strip(),
+            access_token=token,
             account_type=account_type,
             account_id=account_id,
             login_account=login,
@@ -284,8 +261,8 @@ class GoogleProvider:
             user_lists=lists,
             consent=_consent(options.get("consent")),
             membership_days=membership_days,
-            chunk_size=positive_int_option(options, "chunk_size", MAX_MEMBERS, MAX_MEMBERS),
-            timeout=float(timeout),
+            chunk_size=check.positive_int(options, "chunk_size", MAX_MEMBERS, MAX_MEMBERS),
+            timeout=timeout,
             base_url=base_url,
         )
 
@@ -413,17 +390,7 @@ class GoogleProvider:
     def _lists_path(self) -> str:
         return f"/v1/accountTypes/{self.account_type}/accounts/{self.account_id}/userLists"
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
     # --- HTTP at the edge ------------------------------------------------------------------
-
-    def _http(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(timeout=self.timeout, follow_redirects=False)
-        return self._client
 
     async def _call(
         self,
@@ -445,18 +412,9 @@ class GoogleProvider:
         if json is not None:
             content = orjson.dumps(json)
             sent["Content-Type"] = "application/json"
-        try:
-            response = await self._http().request(
-                method, self.base_url + path, content=content, params=params, headers=sent
-            )
-        except httpx2.TimeoutException:
-            raise RetryableError(
-                f"Google Data Manager: no answer within {self.timeout:g} s"
-            ) from None
-        except httpx2.TransportError as exc:
-            raise RetryableError(
-                f"Google Data Manager: connection failed: {type(exc).__name__}"
-            ) from None
+        response = await self.request(
+            method, self.base_url + path, content=content, params=params, headers=sent
+        )
         if 200 <= response.status_code < 300:
             try:
                 body = orjson.loads(response.content) if response.content else {}
@@ -477,14 +435,10 @@ def platform_error(
         body = None
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        text = _excerpt(content.decode("utf-8", "replace")) or "no body"
-        reason = f"Google Data Manager HTTP {status}: {text}"
-        if retryable_status(status):
-            retry_after = parse_retry_after((headers or {}).get("retry-after"))
-            return RetryableError(reason, status=status, retry_after=retry_after)
-        return PermanentError(reason, status=status)
+        text = excerpt(content.decode("utf-8", "replace")) or "no body"
+        return status_error(f"Google Data Manager HTTP {status}: {text}", status, headers or {})
     code_name = error.get("status") if isinstance(error.get("status"), str) else None
-    message = _excerpt(str(error.get("message") or "no message"))
+    message = excerpt(error.get("message") or "no message")
     reasons, violation, delay = _details(error.get("details"))
     text = f"Google Data Manager {status} {code_name or ''}".rstrip() + f": {message}"
     if reasons:
@@ -516,7 +470,7 @@ def _details(details: object) -> tuple[list[str], str | None, float | None]:
             for field in item.get("fieldViolations") or []:
                 if isinstance(field, dict):
                     where, what = field.get("field"), field.get("description")
-                    violation = _excerpt(f"{where}: {what}" if where else str(what), 160)
+                    violation = excerpt(f"{where}: {what}" if where else what, 160)
                     if isinstance(field.get("reason"), str) and field["reason"] not in reasons:
                         reasons.append(field["reason"])
                     break
@@ -525,11 +479,6 @@ def _details(details: object) -> tuple[list[str], str | None, float | None]:
             if match:
                 delay = float(match.group(1))
     return reasons, violation, delay
-
-
-def _excerpt(text: str, limit: int = 300) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _id_of(user_list: object) -> str:

@@ -56,16 +56,9 @@ import orjson
 
 from .. import normalize
 from ..destinations import DestinationConfig, OptionError
-from .base import (
-    Chunk,
-    ChunkResult,
-    PermanentError,
-    RetryableError,
-    Segment,
-    parse_retry_after,
-    positive_int_option,
-    retryable_status,
-)
+from . import options as check
+from .base import Chunk, ChunkResult, PermanentError, RetryableError, Segment
+from .http import HttpAdapter, excerpt, parse_retry_after, status_error
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 DEFAULT_REVISION = "2026-07-15"
@@ -80,9 +73,6 @@ LIST_PAGE_SIZE = 10  # most GET /api/lists returns
 
 _REVISION = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.[A-Za-z0-9_-]+)?")
 _WHITESPACE = re.compile(r"\s+")
-# Klaviyo's messages may quote the value they reject; such values are users' data.
-_EMAIL_LIKE = re.compile(r"[^\s'\"<>()]+@[^\s'\"<>()]+")
-_PHONE_LIKE = re.compile(r"\+\d[\d ().-]{5,}\d")  # as sent: E.164, maybe spaced
 
 _JOB_PREFIX = b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
 _JOB_MIDDLE = b']}},"relationships":{"lists":{"data":[{"type":"list","id":'
@@ -194,15 +184,6 @@ def _list_filter(name: str) -> str | None:
     return None
 
 
-def _redact(text: str) -> str:
-    return _PHONE_LIKE.sub("<phone>", _EMAIL_LIKE.sub("<email>", text))
-
-
-def _excerpt(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def _error_detail(response: httpx2.Response) -> str:
     """Klaviyo's own ``errors[0].detail`` (or title), else a short excerpt of the body."""
     try:
@@ -210,17 +191,10 @@ def _error_detail(response: httpx2.Response) -> str:
         first = body["errors"][0]
         detail = first.get("detail") or first.get("title") or first.get("code")
         if isinstance(detail, str) and detail:
-            return _excerpt(_redact(detail))
+            return excerpt(detail)  # Klaviyo's messages may quote the value they reject
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         pass
-    return _excerpt(_redact(response.text)) or response.reason_phrase
-
-
-def _number_option(options: Mapping[str, Any], name: str, default: float) -> float:
-    value = options.get(name, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        raise OptionError(name, "must be a number of seconds greater than zero")
-    return float(value)
+    return excerpt(response.text) or response.reason_phrase
 
 
 class _ListGone(Exception):
@@ -230,8 +204,10 @@ class _ListGone(Exception):
 # --- the provider ---------------------------------------------------------------------------
 
 
-class KlaviyoProvider:
+class KlaviyoProvider(HttpAdapter):
     """One Klaviyo account (a private key); each segment name is a list in it."""
+
+    platform = "Klaviyo"
 
     def __init__(
         self,
@@ -253,7 +229,6 @@ class KlaviyoProvider:
         self.job_timeout = job_timeout
         self._lists: dict[str, str] = {}  # list name -> id, learned once per name
         self._list_locks: dict[str, asyncio.Lock] = {}
-        self._client: httpx2.AsyncClient | None = None
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> KlaviyoProvider:
@@ -261,9 +236,7 @@ class KlaviyoProvider:
         api_key = options.get("api_key")
         if not isinstance(api_key, str) or not api_key.strip() or _WHITESPACE.search(api_key):
             raise OptionError("api_key", "is required: a Klaviyo private API key, no spaces")
-        base_url = options.get("base_url", DEFAULT_BASE_URL)
-        if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
-            raise OptionError("base_url", "must be an http:// or https:// URL")
+        base_url = check.http_url(options, "base_url", DEFAULT_BASE_URL)
         revision = options.get("revision", DEFAULT_REVISION)
         if not isinstance(revision, str) or not _valid_revision(revision):
             raise OptionError("revision", "must be a date YYYY-MM-DD (optionally .suffix)")
@@ -271,12 +244,12 @@ class KlaviyoProvider:
             api_key,
             base_url=base_url,
             revision=revision,
-            chunk_size=positive_int_option(
+            chunk_size=check.positive_int(
                 options, "chunk_size", MAX_PROFILES_PER_JOB, MAX_PROFILES_PER_JOB
             ),
-            timeout=_number_option(options, "timeout", 30.0),
-            poll_interval=_number_option(options, "poll_interval", 1.0),
-            job_timeout=_number_option(options, "job_timeout", 300.0),
+            timeout=check.seconds(options, "timeout", 30.0),
+            poll_interval=check.seconds(options, "poll_interval", 1.0),
+            job_timeout=check.seconds(options, "job_timeout", 300.0),
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
@@ -322,11 +295,6 @@ class KlaviyoProvider:
                 )
                 state["kept"] |= touched & before
         return invalid, status
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     # --- lists ------------------------------------------------------------------------------
 
@@ -400,13 +368,6 @@ class KlaviyoProvider:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    def _http(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(
-                base_url=self.base_url, timeout=self.timeout, follow_redirects=False
-            )
-        return self._client
-
     async def _ids(
         self, path: str, what: str, deadline: float, *, list_call: bool = False
     ) -> set[str]:
@@ -478,7 +439,14 @@ class KlaviyoProvider:
         if content is not None:
             headers["Content-Type"] = MEDIA_TYPE
         while True:
-            response = await self._request(method, target, what, params, content, headers)
+            response = await self.request(
+                method,
+                self.base_url + target,
+                what=what,
+                params=params,
+                content=content,
+                headers=headers,
+            )
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if response.status_code != 429 or deadline is None or retry_after is None:
                 break
@@ -501,29 +469,7 @@ class KlaviyoProvider:
         reason = f"Klaviyo HTTP {status} ({what}): {_error_detail(response)}"
         if status == 404 and list_call:
             raise _ListGone(reason)
-        if retryable_status(status):
-            raise RetryableError(reason, status=status, retry_after=retry_after)
-        raise PermanentError(reason, status=status)
-
-    async def _request(
-        self,
-        method: str,
-        target: str,
-        what: str,
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-        headers: Mapping[str, str],
-    ) -> httpx2.Response:
-        """The HTTP exchange, httpx2's errors translated."""
-        try:
-            return await self._http().request(
-                method, target, params=params, content=content, headers=headers
-            )
-        except httpx2.TimeoutException:
-            raise RetryableError(f"Klaviyo: no answer within {self.timeout:g} s ({what})") from None
-        except httpx2.TransportError as exc:
-            name = type(exc).__name__
-            raise RetryableError(f"Klaviyo: connection failed ({what}): {name}") from None
+        raise status_error(reason, status, response.headers)
 
 
 def _resource_id(document: Mapping[str, Any], what: str) -> str:

@@ -48,26 +48,16 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx2
 import orjson
 
 from .. import normalize
 from ..destinations import DestinationConfig, OptionError
-from .base import (
-    Chunk,
-    ChunkResult,
-    DeliveryError,
-    PermanentError,
-    RetryableError,
-    Segment,
-    parse_retry_after,
-    positive_int_option,
-    retryable_status,
-)
+from . import options as check
+from .base import Chunk, ChunkResult, DeliveryError, PermanentError, RetryableError, Segment
+from .http import HttpAdapter, excerpt, parse_retry_after, retryable_status, status_error
 
 MAX_ROWS = 10_000
 SCHEMA_ORDER = ("EXTERN_ID", "EMAIL", "PHONE", "FN", "LN", "ZIP", "COUNTRY")
@@ -118,26 +108,19 @@ def user_row(user: Mapping[str, Any]) -> dict[str, str] | None:
     extern = normalize.external_id(user.get("externalId"))
     if extern:
         row["EXTERN_ID"] = extern
-    hashed = (
-        ("EMAIL", _hashed(user.get("email"), normalize.email)),
-        ("PHONE", _hashed(user.get("phone"), lambda v: normalize.phone_digits(v, country))),
-        ("FN", _hashed(user.get("firstName"), normalize.name)),
-        ("LN", _hashed(user.get("lastName"), normalize.name)),
-        ("ZIP", _hashed(user.get("postalCode"), lambda v: normalize.postal_code(v, country))),
-        ("COUNTRY", _hashed(raw_country, normalize.country)),
+    hashed = normalize.hashed
+    digests = (
+        ("EMAIL", hashed(user.get("email"), normalize.email)),
+        ("PHONE", hashed(user.get("phone"), lambda v: normalize.phone_digits(v, country))),
+        ("FN", hashed(user.get("firstName"), normalize.name)),
+        ("LN", hashed(user.get("lastName"), normalize.name)),
+        ("ZIP", hashed(user.get("postalCode"), lambda v: normalize.postal_code(v, country))),
+        ("COUNTRY", hashed(raw_country, normalize.country)),
     )
-    row.update((key, value) for key, value in hashed if value)
+    row.update((key, value) for key, value in digests if value)
     if row.keys() & {"EXTERN_ID", "EMAIL", "PHONE"} or row.keys() >= {"FN", "LN", "ZIP"}:
         return row
     return None
-
-
-def _hashed(value: Any, normalizer: Callable[[Any], str | None]) -> str | None:
-    # Checked before normalizing: phone_digits or name would mangle a digest into digits
-    # or letters instead of passing it through.
-    if normalize.is_sha256(value):
-        return str(value).strip().lower()
-    return normalize.hash_value(normalizer(value))
 
 
 def payload(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
@@ -154,18 +137,14 @@ def graph_error(status: int, body: Any, headers: Mapping[str, str], text: str) -
     """The error for a Graph answer that is not a success, classified by ``error.code``."""
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        reason = f"Meta: HTTP {status}: {_excerpt(text)}"
-        if retryable_status(status):
-            retry_after = parse_retry_after(headers.get("retry-after"))
-            return RetryableError(reason, status=status, retry_after=retry_after)
-        return PermanentError(reason, status=status)
+        return status_error(f"Meta: HTTP {status}: {excerpt(text)}", status, headers)
     code = _int(error.get("code"))
     subcode = _int(error.get("error_subcode"))
     what = f"{code}/{subcode}" if subcode else str(code)
     message = error.get("message") or error.get("error_user_msg") or error.get("type") or ""
-    reason = f"Meta error {what}: {_excerpt(message)}"
+    reason = f"Meta error {what}: {excerpt(message)}"
     if isinstance(trace := error.get("fbtrace_id"), str) and trace:
-        reason += f" (fbtrace_id {_excerpt(trace, 40)})"  # what Meta support asks for
+        reason += f" (fbtrace_id {excerpt(trace, 40)})"  # what Meta support asks for
     if code is not None and code in RATE_LIMIT_CODES:
         return RetryableError(reason, status=status, retry_after=_rate_limit_wait(headers))
     if (code is not None and code in TRANSIENT_CODES) or error.get("is_transient") is True:
@@ -206,12 +185,11 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _excerpt(text: Any, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+class MetaProvider(HttpAdapter):
+    """One ad account; each segment name is a custom audience in it, found or created."""
 
+    platform = "Meta"
 
-class MetaProvider:
     def __init__(
         self,
         *,
@@ -232,7 +210,6 @@ class MetaProvider:
         self.timeout = timeout
         self._audiences: dict[str, str] = {}  # segment name -> custom audience id
         self._resolving: dict[str, asyncio.Lock] = {}  # one lookup-or-create per name at once
-        self._client: httpx2.AsyncClient | None = None
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> MetaProvider:
@@ -243,31 +220,23 @@ class MetaProvider:
         match = _ACCOUNT.fullmatch(account.strip()) if isinstance(account, str) else None
         if match is None:
             raise OptionError("ad_account_id", "must be the ad account id, act_<digits> or digits")
-        token = options.get("access_token")
-        if not isinstance(token, str) or not token.strip():
-            raise OptionError("access_token", "is required: a token with ads_management")
+        token = check.token(options, "access_token", "a token with ads_management")
         version = options.get("graph_version", "v25.0")
         if not isinstance(version, str) or not _VERSION.fullmatch(version):
             raise OptionError("graph_version", "must be a Graph API version such as v25.0")
-        source = options.get("customer_file_source", "USER_PROVIDED_ONLY")
-        if source not in CUSTOMER_FILE_SOURCES:
-            raise OptionError(
-                "customer_file_source", f"must be one of {', '.join(CUSTOMER_FILE_SOURCES)}"
-            )
-        base_url = options.get("base_url", "https://graph.facebook.com")
-        if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
-            raise OptionError("base_url", "must be an http:// or https:// URL")
-        timeout = options.get("timeout", 30)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise OptionError("timeout", "must be a number of seconds greater than zero")
+        source = check.choice(
+            options, "customer_file_source", "USER_PROVIDED_ONLY", CUSTOMER_FILE_SOURCES
+        )
+        base_url = check.http_url(options, "base_url", "https://graph.facebook.com")
+        timeout = check.seconds(options, "timeout", 30)
         return cls(
             account_id=f"act_{match.group(1)}",
-            access_token=token.strip(),
+            access_token=token,
             graph_version=version,
             customer_file_source=source,
             base_url=base_url,
-            chunk_size=positive_int_option(options, "chunk_size", MAX_ROWS, MAX_ROWS),
-            timeout=float(timeout),
+            chunk_size=check.positive_int(options, "chunk_size", MAX_ROWS, MAX_ROWS),
+            timeout=timeout,
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
@@ -296,11 +265,6 @@ class MetaProvider:
         state["last_row"] = rows[-1]
         reported = _int(answer.get("num_invalid_entries")) or 0
         return ChunkResult(invalid=dropped + (0 if padding else reported), status=status)
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     # --- audiences --------------------------------------------------------------------
 
@@ -378,15 +342,6 @@ class MetaProvider:
 
     # --- HTTP -------------------------------------------------------------------------
 
-    def _http(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(
-                timeout=self.timeout,
-                follow_redirects=False,
-                headers={"Authorization": f"Bearer {self.access_token}"},
-            )
-        return self._client
-
     async def _graph(
         self,
         method: str,
@@ -408,16 +363,12 @@ class MetaProvider:
     ) -> tuple[dict[str, Any], int]:
         """The answer of a Graph call and its HTTP status; errors classified."""
         url = f"{self.base_url}/{self.graph_version}/{path}"
-        content = None if body is None else orjson.dumps(body)
-        headers = {} if body is None else {"Content-Type": "application/json"}
-        try:
-            response = await self._http().request(
-                method, url, params=params, content=content, headers=headers
-            )
-        except httpx2.TimeoutException:
-            raise RetryableError(f"Meta: no answer within {self.timeout:g} s") from None
-        except httpx2.TransportError as exc:
-            raise RetryableError(f"Meta: connection failed: {type(exc).__name__}") from None
+        headers = {"Authorization": f"Bearer {self.access_token}"}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = orjson.dumps(body)
+        response = await self.request(method, url, params=params, content=content, headers=headers)
         status = response.status_code
         try:
             answer = orjson.loads(response.content)

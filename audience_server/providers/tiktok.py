@@ -59,23 +59,14 @@ import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx2
 import orjson
 
 from .. import normalize
 from ..destinations import DestinationConfig, OptionError
-from .base import (
-    Chunk,
-    ChunkResult,
-    PermanentError,
-    RetryableError,
-    Segment,
-    parse_retry_after,
-    positive_int_option,
-    retryable_status,
-)
+from . import options as check
+from .base import Chunk, ChunkResult, PermanentError, RetryableError, Segment
+from .http import HttpAdapter, excerpt, status_error
 
 DEFAULT_BASE_URL = "https://business-api.tiktok.com"
 API_PREFIX = "/open_api/v1.3/"
@@ -92,10 +83,8 @@ def email_hash(value: object) -> str | None:
 
 def phone_hash(value: object, country: object = None) -> str | None:
     """SHA-256 of the phone's E.164 digits without ``+``; a digest passes through."""
-    if isinstance(value, str) and normalize.is_sha256(value):
-        return value.strip().lower()
     region = country if isinstance(country, str) else None
-    return normalize.hash_value(normalize.phone_digits(value, region))
+    return normalize.hashed(value, lambda v: normalize.phone_digits(v, region))
 
 
 def identifiers(user: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -120,8 +109,10 @@ def batch_data(
     return rows, invalid
 
 
-class TikTokProvider:
+class TikTokProvider(HttpAdapter):
     """One TikTok advertiser account; audiences are found or created by segment name."""
+
+    platform = "TikTok"
 
     def __init__(
         self,
@@ -139,31 +130,24 @@ class TikTokProvider:
         self.timeout = timeout
         self.audience_ids: dict[str, str] = {}  # segment name -> audience id, once known
         self._locks: dict[str, asyncio.Lock] = {}
-        self._client: httpx2.AsyncClient | None = None
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> TikTokProvider:
         options = config.options
-        token = options.get("access_token")
-        if not isinstance(token, str) or not token.strip():
-            raise OptionError("access_token", "is required: the TikTok API for Business token")
+        token = check.token(options, "access_token", "the TikTok API for Business token")
         advertiser = options.get("advertiser_id")
         if not isinstance(advertiser, str) or not _ADVERTISER_ID.fullmatch(advertiser):
             raise OptionError(
                 "advertiser_id", "is required: the advertiser id as a string of digits"
             )
-        base_url = options.get("base_url", DEFAULT_BASE_URL)
-        if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
-            raise OptionError("base_url", "must be an http:// or https:// URL")
-        timeout = options.get("timeout", 30)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise OptionError("timeout", "must be a number of seconds greater than zero")
+        base_url = check.http_url(options, "base_url", DEFAULT_BASE_URL)
+        timeout = check.seconds(options, "timeout", 30)
         return cls(
-            token.strip(),
+            token,
             advertiser,
             base_url=base_url,
-            chunk_size=positive_int_option(options, "chunk_size", 1_000, 10_000),
-            timeout=float(timeout),
+            chunk_size=check.positive_int(options, "chunk_size", 1_000, 10_000),
+            timeout=timeout,
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
@@ -193,11 +177,6 @@ class TikTokProvider:
             await self._add(rows)
         state["from_cache"] = False
         return ChunkResult(invalid=invalid, status=200)
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     # --- the audience -------------------------------------------------------------------
 
@@ -285,11 +264,6 @@ class TikTokProvider:
 
     # --- the wire -----------------------------------------------------------------------
 
-    def _http(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(timeout=self.timeout, follow_redirects=False)
-        return self._client
-
     async def _call(
         self,
         method: str,
@@ -305,21 +279,11 @@ class TikTokProvider:
             headers["Content-Type"] = "application/json"
             content = orjson.dumps(body)
         url = f"{self.base_url}{API_PREFIX}{path}"
-        try:
-            response = await self._http().request(
-                method, url, content=content, params=params, headers=headers
-            )
-        except httpx2.TimeoutException:
-            raise RetryableError(f"TikTok: no answer within {self.timeout:g} s") from None
-        except httpx2.TransportError as exc:
-            raise RetryableError(f"TikTok: connection failed: {type(exc).__name__}") from None
+        response = await self.request(method, url, content=content, params=params, headers=headers)
         status = response.status_code
         if status != 200:
-            reason = f"TikTok HTTP {status}: {_excerpt(response.text)}"
-            if retryable_status(status):
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                raise RetryableError(reason, status=status, retry_after=retry_after)
-            raise PermanentError(reason, status=status)
+            reason = f"TikTok HTTP {status}: {excerpt(response.text)}"
+            raise status_error(reason, status, response.headers)
         try:
             envelope = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -331,14 +295,9 @@ class TikTokProvider:
         if code == 0:
             data = envelope.get("data")
             return data if isinstance(data, dict) else {}
-        reason = f"TikTok {code}: {_excerpt(envelope.get('message') or 'no message')}"
+        reason = f"TikTok {code}: {excerpt(envelope.get('message') or 'no message')}"
         if envelope.get("request_id"):
-            reason += f" (request_id {_excerpt(envelope['request_id'], 64)})"
+            reason += f" (request_id {excerpt(envelope['request_id'], 64)})"
         if code == THROTTLED or 50000 <= code < 60000:
             raise RetryableError(reason, status=status)
         raise PermanentError(reason, status=status)
-
-
-def _excerpt(text: Any, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -4,7 +4,8 @@ Body: ``{"segmentName", "name", "type", "sessionId", "chunk": {"index", "last"},
 (users as received, duplicates removed; ``index`` from 1). Header
 ``X-Audience-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`` keyed
 with ``secret``, as Stripe signs its webhooks: a receiver recomputes it over the raw body,
-compares in constant time, and rejects a ``t`` too far from its clock (replays).
+compares in constant time, and rejects a ``t`` too far from its clock (replays) —
+:func:`verify_signature` does all three, for receivers written in Python.
 
 Options: ``url`` (http or https), ``secret``, ``chunk_size`` (default 1,000),
 ``timeout`` seconds (default 30), ``headers`` (extra request headers).
@@ -16,27 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
-from collections.abc import Mapping
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping
 
-import httpx2
 import orjson
 
 from ..destinations import DestinationConfig, OptionError
-from .base import (
-    Chunk,
-    ChunkResult,
-    PermanentError,
-    RetryableError,
-    Segment,
-    parse_retry_after,
-    positive_int_option,
-    retryable_status,
-)
+from . import options as check
+from .base import Chunk, ChunkResult, Segment
+from .http import HttpAdapter, excerpt, status_error
 
 SIGNATURE_HEADER = "X-Audience-Signature"
+SIGNATURE_TOLERANCE = 300.0  # seconds a signature's t may be from the receiver's clock
+_TIMESTAMP = re.compile(r"[0-9]{1,18}")
 
 
 def sign(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -45,7 +39,57 @@ def sign(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-class WebhookProvider:
+def verify_signature(
+    secret: bytes,
+    header: str | None,
+    body: bytes,
+    now: float | None = None,
+    tolerance: float = SIGNATURE_TOLERANCE,
+) -> bool:
+    """True when ``header`` is a valid signature of the raw ``body`` under ``secret``, made
+    within ``tolerance`` seconds of ``now`` (the receiver's clock; the wall clock if None)."""
+    return signature_problem(secret, header, body, now, tolerance) is None
+
+
+def signature_problem(
+    secret: bytes,
+    header: str | None,
+    body: bytes,
+    now: float | None = None,
+    tolerance: float = SIGNATURE_TOLERANCE,
+) -> str | None:
+    """Why ``header`` does not authenticate ``body`` at ``now``, or None when it does."""
+    if not header:
+        return f"missing {SIGNATURE_HEADER} header"
+    timestamps: list[str] = []
+    candidates: list[str] = []
+    for item in header.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            return f"malformed {SIGNATURE_HEADER} header"
+        if key == "t":
+            timestamps.append(value)
+        elif key == "v1":
+            candidates.append(value)
+        # Other schemes are ignored, so a sender can add one next to v1 during a migration.
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]):
+        return f"{SIGNATURE_HEADER} needs exactly one t=<unix seconds>"
+    if not candidates:
+        return f"{SIGNATURE_HEADER} has no v1 signature"
+    # The signed text uses the timestamp exactly as sent, not a re-rendering of its value.
+    message = timestamps[0].encode() + b"." + body
+    expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
+    # A list, not a generator: every candidate is compared, so timing reveals nothing.
+    if not any([hmac.compare_digest(expected, c.encode()) for c in candidates]):
+        return "signature does not match"
+    if abs((time.time() if now is None else now) - int(timestamps[0])) > tolerance:
+        return f"signature timestamp is more than {tolerance:g} s from now"
+    return None
+
+
+class WebhookProvider(HttpAdapter):
+    """POSTs each chunk to one URL, signed with the destination's secret."""
+
     def __init__(
         self,
         url: str,
@@ -54,26 +98,23 @@ class WebhookProvider:
         chunk_size: int,
         timeout: float,
         headers: Mapping[str, str],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.secret = secret
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.headers = dict(headers)
-        self._client: httpx2.AsyncClient | None = None
+        self.clock = clock  # dates the signatures
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> WebhookProvider:
         options = config.options
-        url = options.get("url")
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-            raise OptionError("url", "must be an http:// or https:// URL")
+        url = check.http_url(options, "url")
         secret = options.get("secret")
         if not isinstance(secret, str) or not secret:
             raise OptionError("secret", "is required: the HMAC-SHA256 signing key")
-        timeout = options.get("timeout", 30)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise OptionError("timeout", "must be a number of seconds greater than zero")
+        timeout = check.seconds(options, "timeout", 30)
         headers = options.get("headers", {})
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -82,15 +123,10 @@ class WebhookProvider:
         return cls(
             url,
             secret.encode(),
-            chunk_size=positive_int_option(options, "chunk_size", 1_000, 100_000),
-            timeout=float(timeout),
+            chunk_size=check.positive_int(options, "chunk_size", 1_000, 100_000),
+            timeout=timeout,
             headers=headers,
         )
-
-    def _http(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            self._client = httpx2.AsyncClient(timeout=self.timeout, follow_redirects=False)
-        return self._client
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
         body = orjson.dumps(
@@ -106,29 +142,10 @@ class WebhookProvider:
         headers = {
             **self.headers,
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self.secret, body, int(time.time())),
+            SIGNATURE_HEADER: sign(self.secret, body, int(self.clock())),
         }
-        try:
-            response = await self._http().post(self.url, content=body, headers=headers)
-        except httpx2.TimeoutException:
-            raise RetryableError(f"no answer within {self.timeout:g} s") from None
-        except httpx2.TransportError as exc:
-            raise RetryableError(f"connection failed: {type(exc).__name__}") from None
+        response = await self.request("POST", self.url, content=body, headers=headers)
         status = response.status_code
         if 200 <= status < 300:
             return ChunkResult(status=status)
-        reason = f"HTTP {status}: {_excerpt(response.text)}"
-        if retryable_status(status):
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise RetryableError(reason, status=status, retry_after=retry_after)
-        raise PermanentError(reason, status=status)
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-def _excerpt(text: Any, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+        raise status_error(f"HTTP {status}: {excerpt(response.text)}", status, response.headers)
