@@ -1,46 +1,47 @@
 """Assembly: a complete session's users in sequence order, exact duplicates dropped, in chunks.
 
-Memory is bounded by one batch plus one chunk whatever the segment's size: users already
+Pure over the batches it is handed (the worker reads them and stores what is found):
+memory is bounded by one batch plus one chunk whatever the segment's size. Users already
 seen are remembered on disk (a throwaway SQLite file of 16-byte keys), and what assembly
-finds is stored per batch (indexes of repeated users), so every delivery of the session
+finds is kept per batch (indexes of repeated users), so every delivery of the session
 streams the same users without redoing it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import msgspec
-import orjson
-from sqlalchemy import Engine, select, update
-
-from . import db
-from .models import batches
-from .parsing import decode_users
+from .digests import canonical_digest, user_key
 from .providers.base import Chunk
-from .store import unpack_users
-
-_canonical = msgspec.json.Encoder(order="sorted").encode
 
 
 class UsersPurged(Exception):
     """The session's users were purged (aborted or expired) while it was being read."""
 
 
-def user_key(user: Any) -> bytes:
-    """Equal for users that are equal JSON values, key order ignored."""
-    return hashlib.blake2b(_canonical(user), digest_size=16).digest()
+class Batch(NamedTuple):
+    """One stored batch, decoded: its users, and the indexes of those assembly found
+    repeating an earlier user of the session (empty before assembly)."""
+
+    sequence: int
+    users: Sequence[Any]
+    repeated: Sequence[int]
 
 
-def canonical_digest(users: Any) -> bytes:
-    """sha256 of the users in canonical JSON: how a re-send is recognised after a purge."""
-    return hashlib.sha256(_canonical(users)).digest()
+@dataclass(frozen=True)
+class Findings:
+    """What assembly found in one batch."""
+
+    sequence: int
+    repeated: list[int]  # indexes of users met before, in this batch or an earlier one
+    canonical_digest: bytes  # of the batch's users: recognises a re-send after a purge
+    unique: int  # users of the batch not met before
 
 
 class SeenUsers:
@@ -95,70 +96,35 @@ class SeenUsers:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _sequences(engine: Engine, tenant: str, key: str) -> list[int]:
-    with db.read_transaction(engine) as conn:
-        stmt = (
-            select(batches.c.sequence)
-            .where(batches.c.tenant == tenant, batches.c.session_key == key)
-            .order_by(batches.c.sequence)
-        )
-        return list(conn.execute(stmt).scalars())
-
-
-def _read_batch(engine: Engine, tenant: str, key: str, sequence: int) -> tuple[Any, list[int]]:
-    with db.read_transaction(engine) as conn:
-        row = conn.execute(
-            select(batches.c.users, batches.c.duplicates).where(
-                batches.c.tenant == tenant,
-                batches.c.session_key == key,
-                batches.c.sequence == sequence,
-            )
-        ).one()
-    if row.users is None:
-        raise UsersPurged(f"session {key}'s users were purged")
-    duplicates = orjson.loads(row.duplicates) if row.duplicates else []
-    return decode_users(unpack_users(row.users)), duplicates
-
-
-def find_duplicates(engine: Engine, tenant: str, key: str, scratch: Path | None = None) -> int:
-    """Record each batch's repeated users and canonical digest; returns the unique count.
-
-    Safe to run again from the start (a crashed assembly is simply redone)."""
+def find_duplicates(
+    batches: Iterable[Batch], scratch: Path | None = None
+) -> Generator[Findings, None, None]:
+    """What each batch holds that an earlier user of the session already was, batch by
+    batch in the order given (sequence order). Safe to run again from the start."""
     seen = SeenUsers(scratch)
-    unique = 0
     try:
-        for sequence in _sequences(engine, tenant, key):
-            users, _ = _read_batch(engine, tenant, key, sequence)
-            repeats = seen.repeated([user_key(user) for user in users])
-            unique += len(users) - len(repeats)
-            with db.write_transaction(engine) as conn:
-                conn.execute(
-                    update(batches)
-                    .where(
-                        batches.c.tenant == tenant,
-                        batches.c.session_key == key,
-                        batches.c.sequence == sequence,
-                    )
-                    .values(
-                        duplicates=orjson.dumps(repeats).decode() if repeats else None,
-                        canonical_digest=canonical_digest(users),
-                    )
-                )
-            del users
+        for batch in batches:
+            repeated = seen.repeated([user_key(user) for user in batch.users])
+            found = Findings(
+                batch.sequence,
+                repeated,
+                canonical_digest(batch.users),
+                len(batch.users) - len(repeated),
+            )
+            del batch  # one batch in memory at a time: the next is read while this yields
+            yield found
     finally:
         seen.close()
-    return unique
 
 
-def unique_users(engine: Engine, tenant: str, key: str) -> Iterator[Mapping[str, Any]]:
-    """The session's users in sequence order without the repeats assembly found."""
-    for sequence in _sequences(engine, tenant, key):
-        users, duplicates = _read_batch(engine, tenant, key, sequence)
-        skip = set(duplicates)
-        for index, user in enumerate(users):
+def unique_users(batches: Iterable[Batch]) -> Iterator[Mapping[str, Any]]:
+    """The users of the batches in order, without the repeats assembly found."""
+    for batch in batches:
+        skip = set(batch.repeated)
+        for index, user in enumerate(batch.users):
             if index not in skip:
                 yield user
-        del users
+        del batch  # before the next one is read
 
 
 def chunked(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.requests import HTTPConnection
 
@@ -12,7 +13,7 @@ from .errors import Unauthorized
 DEFAULT_TENANT = "default"
 
 
-def tenant_of(conn: HTTPConnection, api_keys: Mapping[str, str]) -> str:
+def tenant_of(conn: HTTPConnection[Any], api_keys: Mapping[str, str]) -> str:
     """The tenant the caller acts for; every session lookup is scoped to it."""
     if not api_keys:
         return DEFAULT_TENANT

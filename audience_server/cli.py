@@ -5,8 +5,10 @@ AUDIENCE_* environment."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import gc
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"audience-server: --port {args.port} is not a port; use 1 to 65535", file=sys.stderr)
         return 2
 
+    # Deferred on purpose: the server's imports (uvicorn, SQLAlchemy, alembic, the
+    # providers) cost the other commands, and a bad setting, nothing.
     import uvicorn
 
     from .app import create_app
@@ -59,12 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
-    import asyncio
-    import signal
-
+    # Deferred on purpose, as in _serve.
     from . import db
-    from .app import load_destinations, make_worker, prepare_database, run_worker
     from .logs import configure
+    from .runtime import load_destinations, make_worker, prepare_database, run_worker
 
     configure(settings.log_level)
     destinations = load_destinations(settings)
@@ -94,7 +96,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
-    from . import db
+    from . import db  # deferred on purpose, as in _serve
 
     engine = db.make_engine(settings.database_url)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
@@ -22,7 +23,7 @@ class _LimitedBody:
     """The request body as a stream, refused past ``limit`` bytes; keeps its last bytes so
     a truncated multipart body (no closing delimiter) can be told apart."""
 
-    def __init__(self, request: Request, limit: int) -> None:
+    def __init__(self, request: Request[Any], limit: int) -> None:
         self.request, self.limit, self.tail = request, limit, b""
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
@@ -35,7 +36,7 @@ class _LimitedBody:
             yield chunk
 
 
-async def read_form(request: Request, max_body_bytes: int) -> dict[str, str]:
+async def read_form(request: Request[Any], max_body_bytes: int) -> dict[str, str]:
     """The form's fields as text (first value of each; file parts are read as UTF-8)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body_bytes:

@@ -9,38 +9,30 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from sqlalchemy import Connection
 
 from . import store
-from .assembly import canonical_digest
+from .digests import canonical_digest
 from .errors import AudienceError, Conflict, SessionGone
 from .parsing import BatchUpload, decode_users
 from .sequencing import base_settled_by, fits_base, inconsistency
-from .store import AnyRow
-
-Result = Literal["stored", "completed", "inconsistent", "duplicate"]
+from .states import BatchResult, EventKind, SessionState, effective_state
+from .store import BatchRow, SessionRow
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a batch did; ``error`` is answered after the transaction commits."""
 
-    result: Result
-    state: str
+    result: BatchResult
+    state: SessionState
     error: AudienceError | None = None
 
 
-def effective_state(session: AnyRow, now: dt.datetime) -> str:
-    """The state as readers see it: an idle receiving session expires at ``expires_at``."""
-    if session.state == "receiving" and session.expires_at <= now:
-        return "expired"
-    return str(session.state)
-
-
-def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
+def _same_users(stored: BatchRow, upload: BatchUpload) -> bool:
     if stored.digest == upload.digest:
         return True
     if stored.user_count != upload.user_count:
@@ -48,13 +40,13 @@ def _same_users(stored: AnyRow, upload: BatchUpload) -> bool:
     # Same JSON value written differently (spacing, key order): still the same batch.
     mine = canonical_digest(decode_users(upload.users_json))
     if stored.canonical_digest is not None:  # set by assembly; survives the purge
-        return bool(stored.canonical_digest == mine)
+        return stored.canonical_digest == mine
     if stored.users is None:
         return False
     return canonical_digest(decode_users(store.unpack_users(stored.users))) == mine
 
 
-def _check_matches_session(session: AnyRow, upload: BatchUpload) -> None:
+def _check_matches_session(session: SessionRow, upload: BatchUpload) -> None:
     key = upload.session_key
     problems = []
     if upload.name != session.name:
@@ -92,38 +84,31 @@ def receive_batch(
     session = store.lock_session(conn, tenant, key)
     created = session is None and store.create_session_if_absent(
         conn,
-        {
-            "tenant": tenant,
-            "session_key": key,
-            "name": upload.name,
-            "type": upload.type,
-            "total_batches": upload.total_batches,
-            "total_users": upload.total_users,
-            "sequence_base": None,
-            "received_batches": 0,
-            "received_users": 0,
-            "state": "receiving",
-            "created_at": now,
-            "updated_at": now,
-            "expires_at": now + ttl,
-        },
+        tenant,
+        key,
+        name=upload.name,
+        type=upload.type,
+        total_batches=upload.total_batches,
+        total_users=upload.total_users,
+        now=now,
+        expires_at=now + ttl,
     )
     if session is None:
         session = store.lock_session(conn, tenant, key)
     assert session is not None  # created above or already there; sessions are never deleted
     if created:
-        store.add_event(conn, tenant, key, now, "created")
+        store.add_event(conn, tenant, key, now, EventKind.CREATED)
 
-    state = effective_state(session, now)
-    if state == "aborted":
+    state = effective_state(session.state, session.expires_at, now)
+    if state == SessionState.ABORTED:
         raise SessionGone(f"session {key} was aborted; start a new session to upload again.")
-    if state == "expired":
+    if state == SessionState.EXPIRED:
         raise SessionGone(
             f"session {key} expired at {session.expires_at.isoformat()} after no batch arrived "
             "for the session TTL; start a new session to upload again."
         )
     _check_matches_session(session, upload)
-    if state == "inconsistent":
+    if state == SessionState.INCONSISTENT:
         raise Conflict(f"session {key} is inconsistent: {session.reason}.")
 
     total_batches = session.total_batches
@@ -152,7 +137,7 @@ def receive_batch(
         stored = store.find_batch(conn, tenant, key, upload.sequence)
         assert stored is not None
         if _same_users(stored, upload):
-            return Outcome("duplicate", state)
+            return Outcome(BatchResult.DUPLICATE, state)
         raise Conflict(
             f"batch.sequence {upload.sequence} of session {key} was already received with "
             "different users."
@@ -174,22 +159,24 @@ def receive_batch(
     if base is None:
         values["sequence_base"] = base_settled_by(upload.sequence, total_batches)
 
-    outcome = Outcome("stored", "receiving")
+    outcome = Outcome(BatchResult.STORED, SessionState.RECEIVING)
     if received_batches == total_batches:
         # Count again from the batches themselves, not the running total: this is the proof.
         counted = store.sum_users(conn, tenant, key)
         reason = inconsistency(session.total_users, counted, total_batches)
         values["completed_at"] = now
         if reason is None:
-            values.update(state="complete", sync=upload.sync, disable_prefix=upload.disable_prefix)
-            store.add_event(conn, tenant, key, now, "complete")
-            outcome = Outcome("completed", "complete")
+            values.update(
+                state=SessionState.COMPLETE, sync=upload.sync, disable_prefix=upload.disable_prefix
+            )
+            store.add_event(conn, tenant, key, now, EventKind.COMPLETE)
+            outcome = Outcome(BatchResult.COMPLETED, SessionState.COMPLETE)
         else:
-            values.update(state="inconsistent", reason=reason)
-            store.add_event(conn, tenant, key, now, "inconsistent", reason)
+            values.update(state=SessionState.INCONSISTENT, reason=reason)
+            store.add_event(conn, tenant, key, now, EventKind.INCONSISTENT, reason)
             outcome = Outcome(
-                "inconsistent",
-                "inconsistent",
+                BatchResult.INCONSISTENT,
+                SessionState.INCONSISTENT,
                 Conflict(f"session {key} is inconsistent: {reason}."),
             )
     store.update_session(conn, tenant, key, **values)

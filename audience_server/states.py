@@ -7,7 +7,8 @@
 
     delivery: pending --claimed--> running --> succeeded | pending (retry later) | failed
 
-The string values are the API's and the database's: they never change.
+The string values are the API's and the database's: they never change. ``states.is_overdue``
+has one SQL twin, ``store.overdue``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,43 @@ REFUSING = frozenset({SessionState.INCONSISTENT, SessionState.EXPIRED, SessionSt
 ABORT_KEEPS = frozenset({SessionState.DELIVERED, SessionState.EXPIRED, SessionState.ABORTED})
 
 DELIVERY_ENDED = frozenset({DeliveryState.SUCCEEDED, DeliveryState.FAILED})
+
+EXPIRED_REASON = "no batch arrived within the session TTL"
+
+
+class AttemptOutcome(StrEnum):
+    """How one delivery attempt ended (``delivery_attempts.outcome``)."""
+
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"  # the delivery is pending again
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its worker lost the lease; another took the delivery over
+
+
+class EventKind(StrEnum):
+    """What ``session_events`` records: a session's transitions and who caused them."""
+
+    CREATED = "created"
+    COMPLETE = "complete"
+    INCONSISTENT = "inconsistent"
+    ASSEMBLED = "assembled"
+    DELIVERED = "delivered"
+    PARTIALLY_DELIVERED = "partially_delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    ABORTED = "aborted"
+    RETRY = "retry"  # an operator re-queued failed deliveries
+    PURGED = "purged"  # retention reached: the users were forgotten
+
+
+class BatchResult(StrEnum):
+    """What one batch did to its session, as the batch log line says."""
+
+    STORED = "stored"
+    COMPLETED = "completed"
+    INCONSISTENT = "inconsistent"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"  # refused with an error; nothing was stored
 
 
 def effective_state(state: str, expires_at: dt.datetime | None, now: dt.datetime) -> SessionState:

@@ -10,29 +10,18 @@ from typing import Any
 
 import orjson
 
+from .delivery_store import DeliveryRow
 from .errors import InvalidField
-from .ingest import effective_state
 from .sequencing import missing_sequences
-from .store import AnyRow
-
-STATES = (
-    "receiving",
-    "complete",
-    "delivering",
-    "delivered",
-    "partially_delivered",
-    "failed",
-    "inconsistent",
-    "expired",
-    "aborted",
-)
+from .states import EXPIRED_REASON, SessionState, effective_state
+from .store import SessionRow
 
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
-def delivery_view(row: AnyRow) -> dict[str, Any]:
+def delivery_view(row: DeliveryRow) -> dict[str, Any]:
     return {
         "destination": row.destination,
         "kind": row.kind,
@@ -47,16 +36,16 @@ def delivery_view(row: AnyRow) -> dict[str, Any]:
 
 
 def session_view(
-    session: AnyRow,
+    session: SessionRow,
     now: dt.datetime,
     sequences: list[int] | None = None,
-    deliveries: Sequence[AnyRow] = (),
+    deliveries: Sequence[DeliveryRow] = (),
 ) -> dict[str, Any]:
     """A session as SPEC §4 shows it; ``missingSequences`` only when ``sequences`` is given."""
-    state = effective_state(session, now)
+    state = effective_state(session.state, session.expires_at, now)
     reason = session.reason
-    if state == "expired" and session.state == "receiving":
-        reason = "no batch arrived within the session TTL"
+    if state != session.state:  # overdue, not yet marked by the sweeper
+        reason = EXPIRED_REASON
     view: dict[str, Any] = {
         "sessionId": session.session_key,
         "name": session.name,
@@ -76,13 +65,13 @@ def session_view(
         sequenceBase=session.sequence_base,
         createdAt=_iso(session.created_at),
         updatedAt=_iso(session.updated_at),
-        expiresAt=_iso(session.expires_at) if state == "receiving" else None,
+        expiresAt=_iso(session.expires_at) if state == SessionState.RECEIVING else None,
         deliveries=[delivery_view(row) for row in deliveries],
     )
     return view
 
 
-def encode_cursor(session: AnyRow) -> str:
+def encode_cursor(session: SessionRow) -> str:
     raw = orjson.dumps([session.updated_at.isoformat(), session.session_key])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

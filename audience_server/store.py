@@ -1,19 +1,96 @@
-"""Data functions over sessions, batches and events. They take a connection and never
-commit: the caller's transaction decides."""
+"""Data functions over sessions, batches and events, and the typed rows they return.
+
+They take a connection and never commit: the caller (a request, a worker step) owns the
+transaction (``db.write_transaction`` / ``db.read_transaction``). The deliveries and their
+attempts are stored by ``delivery_store``.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import orjson
 import zstandard
-from sqlalchemy import Connection, Row, Table, and_, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    Table,
+    and_,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .models import batches, deliveries, events, sessions
+from .models import batches, events, sessions
+from .states import DELIVERIES_ENDED, EventKind, SessionState
 
-AnyRow: TypeAlias = Row[*tuple[Any, ...]]
+
+class SessionKey(NamedTuple):
+    tenant: str
+    session_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """A ``sessions`` row (see models.py for what each column holds)."""
+
+    tenant: str
+    session_key: str
+    name: str
+    type: str
+    total_batches: int
+    total_users: int
+    sequence_base: int | None
+    received_batches: int
+    received_users: int
+    state: SessionState
+    reason: str | None
+    sync: bool | None
+    disable_prefix: bool | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime
+    completed_at: dt.datetime | None
+    purged_at: dt.datetime | None
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    unique_users: int | None
+    ended_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A ``batches`` row; ``users`` is packed (``unpack_users``), None once purged."""
+
+    tenant: str
+    session_key: str
+    sequence: int
+    user_count: int
+    digest: bytes
+    meta: str
+    users: bytes | None
+    received_at: dt.datetime
+    canonical_digest: bytes | None
+    duplicates: str | None
+
+    @property
+    def repeated(self) -> list[int]:
+        """Indexes of the users assembly found repeating an earlier user of the session."""
+        return orjson.loads(self.duplicates) if self.duplicates else []
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    at: dt.datetime
+    kind: EventKind
+    detail: str | None
 
 
 def pack_users(users_json: bytes) -> bytes:
@@ -26,15 +103,23 @@ def unpack_users(stored: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(stored)
 
 
-def _session_key(tenant: str, key: str) -> Any:
+def _session(row: Row[Any]) -> SessionRow:
+    values = dict(row._mapping)
+    return SessionRow(**values | {"state": SessionState(values["state"])})
+
+
+_KEY = (sessions.c.tenant, sessions.c.session_key)
+
+
+def _is_session(tenant: str, key: str) -> ColumnElement[bool]:
     return and_(sessions.c.tenant == tenant, sessions.c.session_key == key)
 
 
-def _batches_of(tenant: str, key: str) -> Any:
+def _batches_of(tenant: str, key: str) -> ColumnElement[bool]:
     return and_(batches.c.tenant == tenant, batches.c.session_key == key)
 
 
-def _insert_if_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+def insert_if_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """INSERT … ON CONFLICT (primary key) DO NOTHING; True if the row went in."""
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     key = [column.name for column in table.primary_key.columns]
@@ -47,83 +132,69 @@ def _insert_if_absent(conn: Connection, table: Table, values: dict[str, Any]) ->
     return conn.execute(stmt).first() is not None
 
 
-def create_session_if_absent(conn: Connection, values: dict[str, Any]) -> bool:
-    """Insert the session unless one with its key exists; True if this call created it."""
-    return _insert_if_absent(conn, sessions, values)
+# --- sessions --------------------------------------------------------------------------
 
 
-def lock_session(conn: Connection, tenant: str, key: str) -> AnyRow | None:
+def create_session_if_absent(
+    conn: Connection,
+    tenant: str,
+    key: str,
+    *,
+    name: str,
+    type: str,
+    total_batches: int,
+    total_users: int,
+    now: dt.datetime,
+    expires_at: dt.datetime,
+) -> bool:
+    """Insert a new receiving session unless one with its key exists; True if this call
+    created it."""
+    values = {
+        "tenant": tenant,
+        "session_key": key,
+        "name": name,
+        "type": type,
+        "total_batches": total_batches,
+        "total_users": total_users,
+        "sequence_base": None,
+        "received_batches": 0,
+        "received_users": 0,
+        "state": SessionState.RECEIVING,
+        "created_at": now,
+        "updated_at": now,
+        "expires_at": expires_at,
+    }
+    return insert_if_absent(conn, sessions, values)
+
+
+def lock_session(conn: Connection, tenant: str, key: str) -> SessionRow | None:
     """The session row, locked until the transaction ends (SQLite: the writer lock does it)."""
-    stmt = select(sessions).where(_session_key(tenant, key)).with_for_update()
-    return conn.execute(stmt).first()
+    row = conn.execute(select(sessions).where(_is_session(tenant, key)).with_for_update()).first()
+    return None if row is None else _session(row)
 
 
-def get_session(conn: Connection, tenant: str, key: str) -> AnyRow | None:
-    return conn.execute(select(sessions).where(_session_key(tenant, key))).first()
+def get_session(conn: Connection, tenant: str, key: str) -> SessionRow | None:
+    row = conn.execute(select(sessions).where(_is_session(tenant, key))).first()
+    return None if row is None else _session(row)
 
 
 def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> None:
-    conn.execute(update(sessions).where(_session_key(tenant, key)).values(**values))
+    conn.execute(update(sessions).where(_is_session(tenant, key)).values(**values))
 
 
-def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> AnyRow | None:
-    stmt = select(
-        batches.c.user_count, batches.c.digest, batches.c.users, batches.c.canonical_digest
-    ).where(_batches_of(tenant, key), batches.c.sequence == sequence)
-    return conn.execute(stmt).first()
+def overdue(now: dt.datetime) -> ColumnElement[bool]:
+    """Receiving, and past its expiry: the SQL twin of ``states.is_overdue``."""
+    return and_(sessions.c.state == SessionState.RECEIVING, sessions.c.expires_at <= now)
 
 
-def insert_batch_if_absent(conn: Connection, **values: Any) -> bool:
-    """Store a batch unless its sequence is already there; True if this call stored it."""
-    return _insert_if_absent(conn, batches, values)
-
-
-def sum_users(conn: Connection, tenant: str, key: str) -> int:
-    stmt = select(func.coalesce(func.sum(batches.c.user_count), 0)).where(_batches_of(tenant, key))
-    return int(conn.execute(stmt).scalar_one())
-
-
-def received_sequences(conn: Connection, tenant: str, key: str) -> list[int]:
-    stmt = select(batches.c.sequence).where(_batches_of(tenant, key)).order_by(batches.c.sequence)
-    return list(conn.execute(stmt).scalars())
-
-
-def purge_users(conn: Connection, tenant: str, key: str) -> None:
-    """Forget the users of every batch; digests and counts stay for idempotency and history."""
-    conn.execute(
-        update(batches)
-        .where(_batches_of(tenant, key), batches.c.users.is_not(None))
-        .values(users=None)
-    )
-
-
-def add_event(
-    conn: Connection, tenant: str, key: str, at: dt.datetime, kind: str, detail: str | None = None
-) -> None:
-    conn.execute(
-        events.insert().values(tenant=tenant, session_key=key, at=at, kind=kind, detail=detail)
-    )
-
-
-def session_events(conn: Connection, tenant: str, key: str) -> Sequence[AnyRow]:
-    stmt = (
-        select(events.c.at, events.c.kind, events.c.detail)
-        .where(events.c.tenant == tenant, events.c.session_key == key)
-        .order_by(events.c.id)
-    )
-    return conn.execute(stmt).all()
-
-
-def state_filter(state: str, now: dt.datetime) -> Any:
-    """Sessions whose state, as a reader sees it at ``now``, is ``state``.
-
-    A receiving session past its ``expires_at`` reads as expired before the sweeper marks it.
-    """
-    overdue = and_(sessions.c.state == "receiving", sessions.c.expires_at <= now)
-    if state == "expired":
-        return or_(sessions.c.state == "expired", overdue)
-    if state == "receiving":
-        return and_(sessions.c.state == "receiving", sessions.c.expires_at > now)
+def state_filter(state: SessionState, now: dt.datetime) -> ColumnElement[bool]:
+    """Sessions whose state, as a reader sees it at ``now`` (``states.effective_state``),
+    is ``state``: a receiving session past its expiry reads as expired before the sweeper
+    marks it."""
+    if state == SessionState.EXPIRED:
+        return or_(sessions.c.state == SessionState.EXPIRED, overdue(now))
+    if state == SessionState.RECEIVING:
+        return and_(sessions.c.state == SessionState.RECEIVING, ~overdue(now))
     return sessions.c.state == state
 
 
@@ -133,10 +204,10 @@ def list_sessions(
     *,
     now: dt.datetime,
     limit: int,
-    state: str | None = None,
+    state: SessionState | None = None,
     name: str | None = None,
     after: tuple[dt.datetime, str] | None = None,
-) -> Sequence[AnyRow]:
+) -> list[SessionRow]:
     """Newest activity first; ``after`` is the (updated_at, key) of the last row already seen."""
     stmt = select(sessions).where(sessions.c.tenant == tenant)
     if state is not None:
@@ -153,44 +224,136 @@ def list_sessions(
             )
         )
     stmt = stmt.order_by(sessions.c.updated_at.desc(), sessions.c.session_key.desc()).limit(limit)
-    return conn.execute(stmt).all()
+    return [_session(row) for row in conn.execute(stmt)]
 
 
-def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
+def lock_overdue_sessions(conn: Connection, now: dt.datetime, limit: int) -> list[SessionKey]:
     """Receiving sessions past their expiry, locked; other sweepers skip them."""
     stmt = (
-        select(sessions.c.tenant, sessions.c.session_key, sessions.c.expires_at)
-        .where(sessions.c.state == "receiving", sessions.c.expires_at <= now)
+        select(*_KEY)
+        .where(overdue(now))
         .order_by(sessions.c.expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return conn.execute(stmt).all()
+    return [SessionKey(*row) for row in conn.execute(stmt)]
 
 
-def deliveries_of(conn: Connection, tenant: str, key: str) -> Sequence[AnyRow]:
+def lock_retention_due(conn: Connection, ended_before: dt.datetime, limit: int) -> list[SessionKey]:
+    """Sessions whose deliveries all ended by ``ended_before`` and whose users are still
+    kept, locked; other sweepers skip them."""
     stmt = (
-        select(deliveries)
-        .where(deliveries.c.tenant == tenant, deliveries.c.session_key == key)
-        .order_by(deliveries.c.destination)
+        select(*_KEY)
+        .where(
+            sessions.c.state.in_(sorted(DELIVERIES_ENDED)),
+            sessions.c.ended_at <= ended_before,
+            sessions.c.purged_at.is_(None),
+        )
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    return conn.execute(stmt).all()
+    return [SessionKey(*row) for row in conn.execute(stmt)]
 
 
-def deliveries_for(
-    conn: Connection, sessions_page: Sequence[AnyRow]
-) -> dict[tuple[str, str], list[AnyRow]]:
-    """The deliveries of a page of sessions, in one query."""
-    found: dict[tuple[str, str], list[AnyRow]] = {}
-    if not sessions_page:
-        return found
-    tenant = sessions_page[0].tenant
-    keys = [row.session_key for row in sessions_page]
+def _assembly_due(now: dt.datetime) -> Select[Any]:
+    return (
+        select(*_KEY)
+        .where(
+            sessions.c.state == SessionState.COMPLETE,
+            or_(sessions.c.lease_expires_at.is_(None), sessions.c.lease_expires_at < now),
+        )
+        .order_by(sessions.c.completed_at)
+        .limit(1)
+    )
+
+
+def assembly_due(conn: Connection, now: dt.datetime) -> bool:
+    """Whether a complete session waits for assembly, looked at without locking."""
+    return conn.execute(_assembly_due(now)).first() is not None
+
+
+def lock_assembly_due(conn: Connection, now: dt.datetime) -> SessionKey | None:
+    """The complete session waiting longest whose assembly no live worker holds, locked;
+    other workers skip it."""
+    row = conn.execute(_assembly_due(now).with_for_update(skip_locked=True)).first()
+    return None if row is None else SessionKey(*row)
+
+
+# --- batches ---------------------------------------------------------------------------
+
+
+def insert_batch_if_absent(conn: Connection, **values: Any) -> bool:
+    """Store a batch unless its sequence is already there; True if this call stored it."""
+    return insert_if_absent(conn, batches, values)
+
+
+def find_batch(conn: Connection, tenant: str, key: str, sequence: int) -> BatchRow | None:
+    stmt = select(batches).where(_batches_of(tenant, key), batches.c.sequence == sequence)
+    row = conn.execute(stmt).first()
+    return None if row is None else BatchRow(**row._mapping)
+
+
+def sum_users(conn: Connection, tenant: str, key: str) -> int:
+    stmt = select(func.coalesce(func.sum(batches.c.user_count), 0)).where(_batches_of(tenant, key))
+    return int(conn.execute(stmt).scalar_one())
+
+
+def received_sequences(conn: Connection, tenant: str, key: str) -> list[int]:
+    stmt = select(batches.c.sequence).where(_batches_of(tenant, key)).order_by(batches.c.sequence)
+    return list(conn.execute(stmt).scalars())
+
+
+def record_assembly(
+    conn: Connection,
+    tenant: str,
+    key: str,
+    sequence: int,
+    *,
+    repeated: Sequence[int],
+    canonical_digest: bytes,
+) -> None:
+    """Keep what assembly found in a batch: the indexes of its repeated users and the
+    digest of its users in canonical JSON."""
+    conn.execute(
+        update(batches)
+        .where(_batches_of(tenant, key), batches.c.sequence == sequence)
+        .values(
+            duplicates=orjson.dumps(list(repeated)).decode() if repeated else None,
+            canonical_digest=canonical_digest,
+        )
+    )
+
+
+def purge_users(conn: Connection, tenant: str, key: str) -> None:
+    """Forget the users of every batch; digests and counts stay for idempotency and history."""
+    conn.execute(
+        update(batches)
+        .where(_batches_of(tenant, key), batches.c.users.is_not(None))
+        .values(users=None)
+    )
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+def add_event(
+    conn: Connection,
+    tenant: str,
+    key: str,
+    at: dt.datetime,
+    kind: EventKind,
+    detail: str | None = None,
+) -> None:
+    conn.execute(
+        events.insert().values(tenant=tenant, session_key=key, at=at, kind=kind, detail=detail)
+    )
+
+
+def session_events(conn: Connection, tenant: str, key: str) -> list[EventRow]:
+    """The session's events, oldest first."""
     stmt = (
-        select(deliveries)
-        .where(deliveries.c.tenant == tenant, deliveries.c.session_key.in_(keys))
-        .order_by(deliveries.c.destination)
+        select(events.c.at, events.c.kind, events.c.detail)
+        .where(events.c.tenant == tenant, events.c.session_key == key)
+        .order_by(events.c.id)
     )
-    for row in conn.execute(stmt):
-        found.setdefault((row.tenant, row.session_key), []).append(row)
-    return found
+    return [EventRow(at, EventKind(kind), detail) for at, kind, detail in conn.execute(stmt)]

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from audience_server.assembly import SeenUsers, chunked, user_key
-from audience_server.delivery import segment_name
+from audience_server.assembly import SeenUsers, chunked
+from audience_server.digests import user_key
 from audience_server.retry import RetryPolicy
+from audience_server.states import segment_name
 
 
 def test_user_key_ignores_key_order_but_not_values() -> None:

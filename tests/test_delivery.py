@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
-from audience_server.app import Destinations, create_app, sweep_once
+from audience_server.app import Destinations, create_app
 from audience_server.destinations import DestinationConfig
 from audience_server.models import batches, deliveries, delivery_attempts
 from audience_server.providers import provider_class
+from audience_server.runtime import sweep_once
 from audience_server.settings import Settings
 from tests.conftest import FakeClock, make_users
 from tests.emulators.webhook import WebhookEmulator, verify_signature

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +14,9 @@ from sqlalchemy import Engine, func, select, text
 from starlette.testclient import TestClient
 
 from audience_server import db
-from audience_server.app import create_app, sweep_once
+from audience_server.app import create_app
 from audience_server.models import batches
+from audience_server.runtime import sweep_once
 from audience_server.settings import Settings
 from tests.conftest import FakeClock, make_users
 from tests.helpers import errors, form, send
@@ -162,12 +165,18 @@ def test_readyz_reports_a_schema_behind_head(client: TestClient, engine: Engine)
     assert response.json()["reason"] == "schema is not at the newest revision"
 
 
-def test_readyz_reports_an_unreachable_database(tmp_path: Any) -> None:
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/missing/dir/audience.db")
-    client = TestClient(
-        create_app(settings, sweeper=False, destinations={})
-    )  # no lifespan: nothing prepared
-    response = client.get("/readyz")
+def test_readyz_reports_an_unreachable_database(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    settings = Settings(database_url=f"sqlite:///{folder}/audience.db")
+    engine = db.make_engine(settings.database_url)
+    with TestClient(create_app(settings, engine=engine, sweeper=False, destinations={})) as client:
+        assert client.get("/readyz").status_code == 200
+        # the database goes away under the running server: no file can be opened there
+        engine.dispose()
+        shutil.rmtree(folder)
+        response = client.get("/readyz")
+    engine.dispose()
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "reason": "database unreachable"}
 

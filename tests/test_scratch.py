@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
-from audience_server.app import create_app, make_worker
+from audience_server.app import create_app
+from audience_server.runtime import make_worker
 from audience_server.scratch import Scratch
 from audience_server.settings import Settings
 from tests.conftest import make_users

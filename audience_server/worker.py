@@ -1,0 +1,298 @@
+"""The delivery worker: assembles complete sessions and forwards them to every destination.
+
+Work is claimed from the database in short transactions (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL; SQLite's single writer does the same), run with no transaction open, and its
+outcome written in another. A claim is a lease: a worker that dies stops renewing it, and
+once it lapses any worker takes the work over. So any number of workers, in any number of
+processes, share one database and never run one (session, destination) at the same time.
+
+    complete --assemble--> delivering --every delivery ended--> delivered
+                                                             | partially_delivered | failed
+
+One delivery attempt is ``attempt.Attempt``; this module schedules them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from sqlalchemy import Engine
+
+from . import db, delivery_store, store
+from .assembly import Batch, UsersPurged, find_duplicates, unique_users
+from .attempt import Attempt, Claim, Clock, Terms
+from .delivery_store import DeliveryKey
+from .destinations import DestinationConfig
+from .parsing import decode_users
+from .providers.base import Provider
+from .retry import RetryPolicy
+from .scratch import LazyScratch
+from .states import DeliveryState, EventKind, SessionState, segment_name
+from .store import SessionKey
+
+log = logging.getLogger("audience_server.delivery")
+
+Destinations = Mapping[str, tuple[DestinationConfig, Provider]]
+
+
+class Doorbell:
+    """Wakes every coroutine waiting on it, in whatever event loop it waits; safe to ring
+    from any thread."""
+
+    def __init__(self) -> None:
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def ring(self) -> None:
+        for loop, event in list(self._waiters):
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next ring, or ``timeout`` seconds."""
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        self._waiters.add(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry[1].wait(), timeout)
+        finally:
+            self._waiters.discard(entry)
+
+
+class Worker:
+    """Claims and runs assembly and delivery work until stopped."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        destinations: Destinations,
+        *,
+        clock: Clock,
+        policy: RetryPolicy,
+        segment_prefix: str = "blotout_",
+        lease: dt.timedelta = dt.timedelta(seconds=60),
+        poll_interval: float = 1.0,
+        concurrency: int = 4,
+        changes: Doorbell | None = None,
+        scratch_root: Path | None = None,
+        chunk_timeout: dt.timedelta = dt.timedelta(minutes=10),
+    ) -> None:
+        self.engine = engine
+        self.destinations = destinations
+        self.clock = clock
+        self.segment_prefix = segment_prefix
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.concurrency = concurrency
+        self.changes = changes or Doorbell()  # rung whenever an assembly or a delivery ends
+        self.scratch = LazyScratch(scratch_root)
+        self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.terms = Terms(
+            engine=engine,
+            worker=self.id,
+            clock=clock,
+            lease=lease,
+            poll_interval=poll_interval,
+            chunk_timeout=chunk_timeout.total_seconds(),
+            policy=policy,
+        )
+        self._new_work = Doorbell()
+
+    def wake(self) -> None:
+        """New work may be waiting (a session just completed, a retry was asked for)."""
+        self._new_work.ring()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run ``concurrency`` lanes until ``stop`` is set; work in hand is finished first."""
+        log.info("worker started", extra={"worker": self.id, "concurrency": self.concurrency})
+        try:
+            await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
+            await asyncio.gather(*(self._lane(stop) for _ in range(self.concurrency)))
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Release the providers' connections and remove this worker's scratch folder."""
+        try:
+            for _, provider in self.destinations.values():
+                await provider.aclose()
+        finally:
+            self.scratch.close()
+
+    async def _lane(self, stop: asyncio.Event) -> None:
+        """Drain, then wait for new work, the poll interval or the stop, whichever is first."""
+        while not stop.is_set():
+            try:
+                busy = await self.step()
+            except Exception:
+                log.exception("worker step failed; going on", extra={"worker": self.id})
+                busy = False
+            if not busy:
+                waiter = asyncio.ensure_future(self._new_work.wait(self.poll_interval))
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+
+    async def step(self) -> bool:
+        """Do one piece of work if there is any; False when there was none."""
+        session = await anyio.to_thread.run_sync(self._claim_assembly)
+        if session is not None:
+            await anyio.to_thread.run_sync(self._assemble, *session)
+            return True
+        claim = await anyio.to_thread.run_sync(self._claim_delivery)
+        if claim is not None:
+            await self._deliver(claim)
+            return True
+        return False
+
+    async def drain(self) -> None:
+        """Run work until none is ready now (one-shot runs). A delivery waiting to be
+        retried later is left for a later run."""
+        await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
+        while await self.step():
+            pass
+
+    # --- a session's batches, read back -----------------------------------------------
+
+    def _batches(self, tenant: str, key: str) -> Iterator[Batch]:
+        """The session's batches in sequence order, each read in a short transaction of
+        its own: one batch in memory at a time, however large the session."""
+        with db.read_transaction(self.engine) as conn:
+            sequences = store.received_sequences(conn, tenant, key)
+        for sequence in sequences:
+            yield self._read_batch(tenant, key, sequence)
+
+    def _read_batch(self, tenant: str, key: str, sequence: int) -> Batch:
+        with db.read_transaction(self.engine) as conn:
+            row = store.find_batch(conn, tenant, key, sequence)
+        assert row is not None  # batches are never deleted, only their users purged
+        if row.users is None:
+            raise UsersPurged(f"session {key}'s users were purged")
+        return Batch(sequence, decode_users(store.unpack_users(row.users)), row.repeated)
+
+    # --- assembly ---------------------------------------------------------------------
+
+    def _claim_assembly(self) -> SessionKey | None:
+        now = self.clock()
+        # A cheap look without locks first: an idle worker polling must not take SQLite's
+        # write lock (or PostgreSQL row locks) each time it finds nothing.
+        with db.read_transaction(self.engine) as conn:
+            if not store.assembly_due(conn, now):
+                return None
+        with db.write_transaction(self.engine) as conn:
+            found = store.lock_assembly_due(conn, now)
+            if found is not None:
+                store.update_session(
+                    conn, *found, lease_owner=self.id, lease_expires_at=now + self.lease
+                )
+        return found
+
+    def _assemble(self, tenant: str, key: str) -> None:
+        """Find the session's duplicates, then create its deliveries, once."""
+        unique = 0
+        findings = find_duplicates(self._batches(tenant, key), self.scratch.path())
+        try:
+            for found in findings:
+                with db.write_transaction(self.engine) as conn:
+                    store.record_assembly(
+                        conn,
+                        tenant,
+                        key,
+                        found.sequence,
+                        repeated=found.repeated,
+                        canonical_digest=found.canonical_digest,
+                    )
+                unique += found.unique
+        except UsersPurged:
+            log.info("assembly stopped: users purged", extra={"sessionId": key})
+            return
+        finally:
+            findings.close()
+        now = self.clock()
+        with db.write_transaction(self.engine) as conn:
+            session = store.lock_session(conn, tenant, key)
+            if (
+                session is None
+                or session.state != SessionState.COMPLETE
+                or session.lease_owner != self.id
+            ):
+                return  # aborted meanwhile, or the lease lapsed and another worker took it
+            name = segment_name(session.name, self.segment_prefix, bool(session.disable_prefix))
+            for destination, (config, _) in self.destinations.items():
+                delivery_store.create_delivery(
+                    conn,
+                    DeliveryKey(tenant, key, destination),
+                    kind=config.kind,
+                    segment_name=name,
+                    now=now,
+                )
+            values: dict[str, Any] = {
+                "state": SessionState.DELIVERING if self.destinations else SessionState.DELIVERED,
+                "unique_users": unique,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "updated_at": now,
+            }
+            if not self.destinations:
+                values["ended_at"] = now
+            store.update_session(conn, tenant, key, **values)
+            detail = f"{unique} unique users; {len(self.destinations)} deliveries"
+            store.add_event(conn, tenant, key, now, EventKind.ASSEMBLED, detail)
+        log.info(
+            "session assembled",
+            extra={"sessionId": key, "tenant": tenant, "uniqueUsers": unique},
+        )
+        self.changes.ring()
+
+    # --- deliveries -------------------------------------------------------------------
+
+    def _claim_delivery(self) -> Claim | None:
+        now = self.clock()
+        with db.read_transaction(self.engine) as conn:  # a cheap look first, as above
+            if not delivery_store.delivery_due(conn, self.destinations, now):
+                return None
+        with db.write_transaction(self.engine) as conn:
+            row = delivery_store.lock_delivery_due(conn, self.destinations, now)
+            if row is None:
+                return None
+            if row.state == DeliveryState.RUNNING:  # its worker died or hung: close that attempt
+                delivery_store.interrupt_attempt(conn, row.key, now)
+            session = store.get_session(conn, row.tenant, row.session_key)
+            assert session is not None
+            if session.state == SessionState.ABORTED or session.purged_at is not None:
+                delivery_store.fail_delivery(conn, row.key, "session aborted", now)
+                return None
+            attempt = row.attempts + 1
+            delivery_store.start_attempt(
+                conn, row.key, attempt, worker=self.id, now=now, lease_until=now + self.lease
+            )
+        return Claim(
+            key=row.key,
+            attempt=attempt,
+            budget_from=row.budget_from,
+            name=session.name,
+            type=session.type,
+            segment_name=row.segment_name,
+            unique_users=session.unique_users or 0,
+            leased_at=now,
+        )
+
+    async def _deliver(self, claim: Claim) -> None:
+        config, provider = self.destinations[claim.key.destination]
+        users = unique_users(self._batches(claim.key.tenant, claim.key.session_key))
+        state = await Attempt(self.terms, claim, provider, config.kind, users).run()
+        if state is None:
+            return  # the lease was lost: the worker that took over records the delivery
+        self.changes.ring()
+        if state == DeliveryState.PENDING:
+            self.wake()
