@@ -648,7 +648,7 @@ def check_received(
 def idle_import_rss(workdir: Path) -> float:
     """Peak RSS of a process that only imports the worker's module."""
     result = measure(
-        [sys.executable, "-c", "import audience_server.delivery"],
+        [sys.executable, "-c", "import audience_server.worker"],
         server_env(),
         workdir / "idle-import.log",
     )
@@ -738,7 +738,7 @@ def summarize_memory(runs: Sequence[Run]) -> list[Memory]:
 class Idle:
     """Context for the RSS figures: processes that deliver nothing."""
 
-    import_mib: float  # python -c "import audience_server.delivery"
+    import_mib: float  # python -c "import audience_server.worker"
     worker_mib: float  # worker --drain with nothing to do
     worker_s: float
     worker_rounds: int
@@ -752,7 +752,7 @@ def format_report(
     header = f"{'process':<36}{'rounds':>7}{'RSS MiB':>10}{'wall s':>9}{'users/s':>11}  by round"
     lines += [header, "-" * len(header)]
     lines.append(
-        f"{'import audience_server.delivery':<36}{IDLE_IMPORT_ROUNDS:>7}{idle.import_mib:>10.1f}"
+        f"{'import audience_server.worker':<36}{IDLE_IMPORT_ROUNDS:>7}{idle.import_mib:>10.1f}"
     )
     lines.append(
         f"{'worker, nothing to do':<36}{idle.worker_rounds:>7}{idle.worker_mib:>10.1f}"
