@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,15 +144,14 @@ def _load_table(
         )
     id_lines[ident] = id_line
 
-    known = ", ".join(sorted(validators)) or "(none)"
+    known = _known_kinds(validators)
     kind = table.get("kind")
     if kind is None:
-        raise fail(who, "kind", f"missing; known kinds: {known}")
+        raise fail(who, "kind", f"missing; {known}")
     if not isinstance(kind, str):
-        raise fail(who, "kind", f"must be a string; known kinds: {known}")
+        raise fail(who, "kind", f"must be a string; {known}")
     if kind not in validators:
-        hint = _did_you_mean(kind, validators)
-        raise fail(who, "kind", f"unknown kind '{kind}'{hint}; known kinds: {known}")
+        raise fail(who, "kind", unknown_kind(kind, validators))
 
     try:
         options = {
@@ -225,6 +224,15 @@ def _substitute_string(text: str, field: str, environ: Mapping[str, str]) -> str
 
     # re.sub never rescans what it inserted, so a value containing "${" stays as it is.
     return _REFERENCE.sub(replace, text)
+
+
+def unknown_kind(kind: str, known: Collection[str]) -> str:
+    """``unknown kind 'x' (did you mean 'y'?); known kinds: ...``: one wording everywhere."""
+    return f"unknown kind '{kind}'{_did_you_mean(kind, known)}; {_known_kinds(known)}"
+
+
+def _known_kinds(known: Iterable[str]) -> str:
+    return f"known kinds: {', '.join(sorted(known)) or '(none)'}"
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -1,14 +1,19 @@
-"""Destination platforms: one module per kind, registered by name, imported on use."""
+"""Destination platforms: one module per kind, registered by name, imported on use.
+
+base.py        what a provider is: Segment, Chunk, ChunkResult, the errors, Provider
+http.py        the HTTP edge the platform adapters share (client, errors, excerpts)
+options.py     the option checks the kinds share
+recording.py   an in-memory provider for tests of the worker (not a kind)
+file.py, webhook.py, meta.py (kind ``facebook``), tiktok.py, klaviyo.py, google.py
+"""
 
 from __future__ import annotations
 
-import difflib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from ..destinations import DestinationConfig, load_destinations
+from ..destinations import DestinationConfig, load_destinations, unknown_kind
 from .base import Provider
 
 # kind -> "module:Class"; a module is imported only when a destination of its kind exists.
@@ -22,29 +27,49 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def provider_class(kind: str) -> Any:
-    """The provider class registered for ``kind``."""
+class UnknownKind(LookupError):
+    """No provider is registered for the kind; the message names the known ones."""
+
+
+def provider_class(kind: str) -> type[Provider]:
+    """The provider class registered for ``kind``, its module imported now."""
     try:
         target = REGISTRY[kind]
     except KeyError:
-        close = difflib.get_close_matches(kind, REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown destination kind {kind!r}{hint}") from None
+        raise UnknownKind(unknown_kind(kind, REGISTRY)) from None
     module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    cls: type[Provider] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def build(config: DestinationConfig) -> Provider:
+    """The provider of one destination, built from its options (OptionError if bad)."""
+    return provider_class(config.kind).from_config(config)
 
 
 def configured_destinations(
     path: Path, *, explicit: bool, environ: Mapping[str, str]
 ) -> dict[str, tuple[DestinationConfig, Provider]]:
-    """Every destination of the destinations file, ready to send (by id, in file order)."""
-    validators = {kind: _validator(kind) for kind in REGISTRY}
+    """Every destination of the destinations file, ready to send (by id, in file order);
+    each provider is built once, by the validation of its table."""
+    built: dict[str, Provider] = {}
+
+    def validate(config: DestinationConfig) -> None:
+        built[config.id] = build(config)
+
+    validators = dict.fromkeys(REGISTRY, validate)
     configs = load_destinations(path, explicit=explicit, environ=environ, validators=validators)
-    return {c.id: (c, provider_class(c.kind).from_config(c)) for c in configs}
+    for config in configs:
+        if config.id not in built:  # the built-in default, which no file validated
+            built[config.id] = build(config)
+    return {config.id: (config, built[config.id]) for config in configs}
 
 
-def _validator(kind: str) -> Callable[[DestinationConfig], object]:
-    return lambda config: provider_class(kind).from_config(config)
-
-
-__all__ = ["REGISTRY", "Provider", "configured_destinations", "provider_class"]
+__all__ = [
+    "REGISTRY",
+    "Provider",
+    "UnknownKind",
+    "build",
+    "configured_destinations",
+    "provider_class",
+]
