@@ -1,7 +1,9 @@
 """Fixtures: a real SQLite file and a real PostgreSQL, each at the migrations' head.
 
-PostgreSQL comes from AUDIENCE_TEST_POSTGRES_URL (a server URL; the tests create and drop
-their own database on it). Without it the PostgreSQL variants skip, saying so.
+PostgreSQL comes from AUDIENCE_TEST_POSTGRES_URL (a server URL): a run migrates a template
+database on it once, and each test gets a fresh copy (``CREATE DATABASE ... TEMPLATE``),
+dropped after it; the template is dropped at the end. Without it the PostgreSQL variants skip,
+saying so. SQLite tests get a copy of a migrated template file.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import getpass
+import itertools
 import os
 import shutil
 import tempfile
@@ -18,12 +21,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, make_url, text
+from psycopg import sql
+from sqlalchemy import Engine, make_url
 from starlette.testclient import TestClient
 
 from audience_server import db
 from audience_server.app import create_app
-from audience_server.models import metadata
 from audience_server.settings import Settings
 from tests.servers import clear_audience_variables
 
@@ -64,30 +67,52 @@ def postgres_server_url() -> str:
     return db.normalize_url(url)
 
 
-def create_database(server_url: str, name: str) -> str:
-    """A new empty database on the server of ``server_url``; returns its URL."""
-    conninfo = make_url(server_url).set(drivername="postgresql")
-    with psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    """A new database on the server of ``server_url``, empty or a copy of ``template``;
+    returns its URL."""
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with _admin(server_url) as conn:
+        _drop(conn, name)
+        conn.execute(create)
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(server_url: str, name: str) -> None:
+    """Drop the database, cutting whatever connections are still open to it."""
+    with _admin(server_url) as conn:
+        _drop(conn, name)
+
+
+def _admin(server_url: str) -> psycopg.Connection[Any]:
     conninfo = make_url(server_url).set(drivername="postgresql")
-    with psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True)
+
+
+def _drop(conn: psycopg.Connection[Any], name: str) -> None:
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
-def postgres_url(postgres_server_url: str) -> Iterator[str]:
-    """One migrated database for the whole run; tests empty it before use."""
-    name = f"audience_test_{os.getpid()}"
-    url = create_database(postgres_server_url, name)
-    engine = db.make_engine(url)
+def postgres_template(postgres_server_url: str) -> Iterator[str]:
+    """A database at the migrations' head, made once a run; its name. Tests get copies."""
+    name = f"audience_template_{os.getpid()}"
+    engine = db.make_engine(create_database(postgres_server_url, name))
     db.migrate(engine)
-    engine.dispose()
-    yield url
+    engine.dispose()  # CREATE DATABASE ... TEMPLATE refuses while anyone is connected to it
+    yield name
+    drop_database(postgres_server_url, name)
+
+
+_copies = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str, postgres_template: str) -> Iterator[str]:
+    """A fresh copy of the migrated template for one test, dropped after it."""
+    name = f"audience_test_{os.getpid()}_{next(_copies)}"
+    yield create_database(postgres_server_url, name, template=postgres_template)
     drop_database(postgres_server_url, name)
 
 
@@ -100,12 +125,6 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def truncate_all(engine: Engine) -> None:
-    names = ", ".join(table.name for table in metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-
-
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database of each backend."""
@@ -114,9 +133,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
         return f"sqlite:///{path}"
     url: str = request.getfixturevalue("postgres_url")
-    engine = db.make_engine(url)
-    truncate_all(engine)
-    engine.dispose()
     return url
 
 
