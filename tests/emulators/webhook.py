@@ -2,7 +2,8 @@
 
 It checks what a careful receiver checks (signature, freshness, body shape), keeps every
 chunk it accepts in arrival order, and can be scripted per test to fail or to answer late.
-``verify_signature`` is the reference receiver logic the README points to.
+Signatures are checked by the package's own receiver logic: ``verify_signature`` and
+``sign`` live in ``audience_server.providers.webhook`` (re-exported here for the tests).
 
     with WebhookEmulator(secret=b"s3cret") as hook:
         hook.respond_with(503, times=2, retry_after="1")
@@ -13,10 +14,7 @@ chunk it accepts in arrival order, and can be scripted per test to fail or to an
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import re
 import threading
 import time
 from collections import deque
@@ -26,13 +24,18 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
 
+from audience_server.providers.webhook import (
+    SIGNATURE_HEADER,
+    SIGNATURE_TOLERANCE,
+    signature_problem,
+)
+from audience_server.providers.webhook import sign as sign  # re-exported for the tests
+from audience_server.providers.webhook import verify_signature as verify_signature
 from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
 
-SIGNATURE_HEADER = "X-Audience-Signature"
-DEFAULT_TOLERANCE = 300.0
+DEFAULT_TOLERANCE = SIGNATURE_TOLERANCE
 _BODY_KEYS = frozenset({"segmentName", "name", "type", "sessionId", "chunk", "users"})
 _CHUNK_KEYS = frozenset({"index", "last"})
-_TIMESTAMP = re.compile(r"[0-9]{1,18}")
 
 
 class SegmentError(AssertionError):
@@ -45,51 +48,6 @@ class NoCompleteAttempt(SegmentError):
 
 class ChunkOrderError(SegmentError):
     """Chunk indexes inside one attempt skip, repeat or go on after the last chunk."""
-
-
-def sign(secret: bytes, body: bytes, timestamp: int) -> str:
-    """The ``X-Audience-Signature`` value a sender puts on ``body`` at ``timestamp``."""
-    digest = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
-
-
-def signature_problem(
-    secret: bytes, header: str | None, body: bytes, now: float, tolerance: float = DEFAULT_TOLERANCE
-) -> str | None:
-    """Why ``header`` does not authenticate ``body`` at ``now``, or None when it does."""
-    if not header:
-        return f"missing {SIGNATURE_HEADER} header"
-    timestamps: list[str] = []
-    candidates: list[str] = []
-    for item in header.split(","):
-        key, sep, value = item.strip().partition("=")
-        if not sep:
-            return f"malformed {SIGNATURE_HEADER} header"
-        if key == "t":
-            timestamps.append(value)
-        elif key == "v1":
-            candidates.append(value)
-        # Other schemes are ignored, so a sender can add one next to v1 during a migration.
-    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]):
-        return f"{SIGNATURE_HEADER} needs exactly one t=<unix seconds>"
-    if not candidates:
-        return f"{SIGNATURE_HEADER} has no v1 signature"
-    # The signed text uses the timestamp exactly as sent, not a re-rendering of its value.
-    message = timestamps[0].encode() + b"." + body
-    expected = hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
-    # A list, not a generator: every candidate is compared, so timing reveals nothing.
-    if not any([hmac.compare_digest(expected, c.encode()) for c in candidates]):
-        return "signature does not match"
-    if abs(now - int(timestamps[0])) > tolerance:
-        return f"signature timestamp is more than {tolerance:g} s from now"
-    return None
-
-
-def verify_signature(
-    secret: bytes, header: str, body: bytes, now: float, tolerance: float = DEFAULT_TOLERANCE
-) -> bool:
-    """True when ``header`` is a valid, fresh signature of the raw ``body`` under ``secret``."""
-    return signature_problem(secret, header, body, now, tolerance) is None
 
 
 def body_problem(
