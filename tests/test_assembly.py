@@ -1,5 +1,5 @@
-"""Unit tests of the pure parts of delivery: duplicate keys, the on-disk seen set, chunking,
-segment names and the retry policy."""
+"""Assembly, pure: the on-disk seen set, duplicates found across batches, the unique users
+streamed back, and chunking."""
 
 from __future__ import annotations
 
@@ -9,19 +9,8 @@ from typing import Any
 
 import pytest
 
-from audience_server.assembly import SeenUsers, chunked
-from audience_server.digests import user_key
-from audience_server.retry import RetryPolicy
-from audience_server.states import segment_name
-
-
-def test_user_key_ignores_key_order_but_not_values() -> None:
-    a = {"email": "a@example.com", "purchase": [{"sku": 1, "n": 2}], "country": "US"}
-    b = {"country": "US", "purchase": [{"n": 2, "sku": 1}], "email": "a@example.com"}
-    assert user_key(a) == user_key(b)
-    assert user_key(a) != user_key({**a, "country": "us"})
-    assert user_key({"x": 1}) != user_key({"x": 1.0}) != user_key({"x": True})
-    assert user_key({"x": [1, 2]}) != user_key({"x": [2, 1]})  # arrays keep their order
+from audience_server.assembly import Batch, SeenUsers, chunked, find_duplicates, unique_users
+from audience_server.digests import canonical_digest
 
 
 def test_seen_users_finds_repeats_within_and_across_batches(tmp_path: Path) -> None:
@@ -48,36 +37,6 @@ def test_chunked_numbers_from_one_and_flags_the_last(total: int, size: int) -> N
     assert len(chunks) == -(-total // size)
 
 
-@pytest.mark.parametrize(
-    ("name", "prefix", "disable", "expected"),
-    [
-        ("High Value Customers Q1", "blotout_", False, "blotout_High_Value_Customers_Q1"),
-        ("High Value Customers Q1", "blotout_", True, "High Value Customers Q1"),
-        ("Lapsed \t\n buyers", "", False, "Lapsed_buyers"),
-        ("Ünïcode  näme", "x_", False, "x_Ünïcode_näme"),
-    ],
-)
-def test_segment_name(name: str, prefix: str, disable: bool, expected: str) -> None:
-    assert segment_name(name, prefix, disable) == expected
-
-
-def test_retry_policy_backs_off_with_jitter_up_to_the_cap() -> None:
-    policy = RetryPolicy(base=1.0, cap=300.0, max_attempts=10)
-    rng = random.Random(7)
-    for attempt, backoff in [(1, 1), (2, 2), (3, 4), (9, 256), (10, 300), (20, 300)]:
-        delays = [policy.delay(attempt, rng=rng) for _ in range(200)]
-        assert backoff / 2 <= min(delays) and max(delays) <= backoff
-        assert max(delays) - min(delays) > backoff / 4  # jitter spreads retries out
-    assert policy.allows_another(9) and not policy.allows_another(10)
-
-
-def test_retry_policy_honours_retry_after() -> None:
-    policy = RetryPolicy(base=1.0, cap=300.0)
-    assert policy.delay(1, retry_after=30) == 30
-    assert 8 <= policy.delay(5, retry_after=0) <= 16
-    assert policy.delay(1, retry_after=10**9) == 24 * 3600
-
-
 def test_seen_users_stays_exact_over_many_large_batches(tmp_path: Path) -> None:
     """Batches of 10,000 new keys, every other one carrying a single earlier key: the fast
     path inserts a whole batch before it learns of the repeat and must undo that cleanly
@@ -97,3 +56,42 @@ def test_seen_users_stays_exact_over_many_large_batches(tmp_path: Path) -> None:
             earlier += keys[:100]
     finally:
         seen.close()
+
+
+def test_duplicates_are_found_across_batches_and_dropped_when_streamed(tmp_path: Path) -> None:
+    a, b, c, d = ({"email": f"{name}@example.com", "n": [1, 2]} for name in "abcd")
+    b_reordered = {"n": [1, 2], "email": "b@example.com"}
+    batches = [Batch(1, [a, b, a], []), Batch(2, [c, b_reordered], []), Batch(3, [d, c, a], [])]
+    findings = list(find_duplicates(iter(batches), tmp_path))
+    assert [(f.sequence, f.repeated, f.unique) for f in findings] == [
+        (1, [2], 2),
+        (2, [1], 1),
+        (3, [1, 2], 1),
+    ]
+    assert findings[1].canonical_digest == canonical_digest([c, b])
+    assert list(tmp_path.iterdir()) == []  # the seen set went when it ended
+    recorded = [
+        Batch(batch.sequence, batch.users, found.repeated)
+        for batch, found in zip(batches, findings, strict=True)
+    ]
+    assert list(unique_users(iter(recorded))) == [a, b, c, d]
+    assert list(unique_users(iter(batches))) == [a, b, a, c, b_reordered, d, c, a]  # none found yet
+
+
+def test_finding_duplicates_again_finds_the_same(tmp_path: Path) -> None:
+    users: list[Any] = [{"i": i % 3} for i in range(7)]
+    first = list(find_duplicates(iter([Batch(1, users, [])]), tmp_path))
+    again = list(find_duplicates(iter([Batch(1, users, [])]), tmp_path))
+    assert first == again and first[0].repeated == [3, 4, 5, 6]
+
+
+def test_a_reader_failing_midway_leaves_no_seen_set(tmp_path: Path) -> None:
+    def batches() -> Any:
+        yield Batch(1, [{"i": 1}], [])
+        raise RuntimeError("users purged")
+
+    found = find_duplicates(batches(), tmp_path)
+    assert next(found).unique == 1
+    with pytest.raises(RuntimeError):
+        next(found)
+    assert list(tmp_path.iterdir()) == []

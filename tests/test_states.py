@@ -67,3 +67,16 @@ def test_segment_names() -> None:
         "blotout_High_Value_Customers_Q1"
     )
     assert segment_name("High Value Customers", "blotout_", True) == "High Value Customers"
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "disable", "expected"),
+    [
+        ("High Value Customers Q1", "blotout_", False, "blotout_High_Value_Customers_Q1"),
+        ("High Value Customers Q1", "blotout_", True, "High Value Customers Q1"),
+        ("Lapsed \t\n buyers", "", False, "Lapsed_buyers"),
+        ("Ünïcode  näme", "x_", False, "x_Ünïcode_näme"),
+    ],
+)
+def test_segment_name(name: str, prefix: str, disable: bool, expected: str) -> None:
+    assert segment_name(name, prefix, disable) == expected
