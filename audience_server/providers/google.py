@@ -408,12 +408,8 @@ class GoogleProvider(HttpAdapter):
             sent["login-account"] = "accountTypes/{}/accounts/{}".format(*self.login_account)
         if headers and self.linked_account is not None:
             sent["linked-account"] = "accountTypes/{}/accounts/{}".format(*self.linked_account)
-        content = None
-        if json is not None:
-            content = orjson.dumps(json)
-            sent["Content-Type"] = "application/json"
         response = await self.request(
-            method, self.base_url + path, content=content, params=params, headers=sent
+            method, self.base_url + path, json=json, params=params, headers=sent
         )
         if 200 <= response.status_code < 300:
             try:

@@ -17,9 +17,10 @@ import datetime as dt
 import email.utils
 import re
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx2
+import orjson
 
 from .base import DeliveryError, PermanentError, RetryableError
 
@@ -107,11 +108,15 @@ class HttpAdapter:
         *,
         what: str | None = None,
         params: Mapping[str, str] | None = None,
+        json: Any = None,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx2.Response:
-        """One exchange; a timeout or transport error raises RetryableError (``what`` names
-        the call in its reason)."""
+        """One exchange, ``json`` (when not None) sent as an application/json body; a timeout
+        or transport error raises RetryableError (``what`` names the call in its reason)."""
+        if json is not None:
+            content = orjson.dumps(json)
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         if self._client is None:
             # Redirects are not followed: a credential must not go to a host it was not for.
             self._client = httpx2.AsyncClient(

@@ -283,7 +283,8 @@ class MetaProvider(HttpAdapter):
         params = {"fields": "id,name", "limit": str(_PAGE_SIZE)}
         seen: set[str] = set()
         while True:
-            page = await self._graph("GET", f"{self.account_id}/customaudiences", params=params)
+            path = f"{self.account_id}/customaudiences"
+            page, _ = await self._request("GET", path, params=params)
             for audience in page.get("data") or ():
                 if not isinstance(audience, dict) or audience.get("name") != name:
                     continue
@@ -305,7 +306,7 @@ class MetaProvider(HttpAdapter):
             "customer_file_source": self.customer_file_source,
             "description": "Customer list kept by Audience Server",
         }
-        answer = await self._graph("POST", f"{self.account_id}/customaudiences", body=body)
+        answer, _ = await self._request("POST", f"{self.account_id}/customaudiences", body=body)
         audience_id = answer.get("id")
         if not isinstance(audience_id, str | int) or not str(audience_id):
             raise RetryableError("Meta: the audience was created but its id was not returned")
@@ -342,33 +343,13 @@ class MetaProvider(HttpAdapter):
 
     # --- HTTP -------------------------------------------------------------------------
 
-    async def _graph(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        answer, _ = await self._request(method, path, params=params, body=body)
-        return answer
-
     async def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Mapping[str, Any] | None = None,
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: Any = None
     ) -> tuple[dict[str, Any], int]:
         """The answer of a Graph call and its HTTP status; errors classified."""
         url = f"{self.base_url}/{self.graph_version}/{path}"
         headers = {"Authorization": f"Bearer {self.access_token}"}
-        content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            content = orjson.dumps(body)
-        response = await self.request(method, url, params=params, content=content, headers=headers)
+        response = await self.request(method, url, params=params, json=body, headers=headers)
         status = response.status_code
         try:
             answer = orjson.loads(response.content)

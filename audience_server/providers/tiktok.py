@@ -274,12 +274,8 @@ class TikTokProvider(HttpAdapter):
     ) -> dict[str, Any]:
         """One API call; its ``data`` on code 0, else the mapped error."""
         headers = {"Access-Token": self.access_token}
-        content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            content = orjson.dumps(body)
         url = f"{self.base_url}{API_PREFIX}{path}"
-        response = await self.request(method, url, content=content, params=params, headers=headers)
+        response = await self.request(method, url, json=body, params=params, headers=headers)
         status = response.status_code
         if status != 200:
             reason = f"TikTok HTTP {status}: {excerpt(response.text)}"

@@ -48,17 +48,15 @@ def verify_signature(
 ) -> bool:
     """True when ``header`` is a valid signature of the raw ``body`` under ``secret``, made
     within ``tolerance`` seconds of ``now`` (the receiver's clock; the wall clock if None)."""
+    now = time.time() if now is None else now
     return signature_problem(secret, header, body, now, tolerance) is None
 
 
 def signature_problem(
-    secret: bytes,
-    header: str | None,
-    body: bytes,
-    now: float | None = None,
-    tolerance: float = SIGNATURE_TOLERANCE,
+    secret: bytes, header: str | None, body: bytes, now: float, tolerance: float
 ) -> str | None:
-    """Why ``header`` does not authenticate ``body`` at ``now``, or None when it does."""
+    """Why ``header`` does not authenticate ``body`` at ``now`` (unix seconds) within
+    ``tolerance`` seconds, or None when it does."""
     if not header:
         return f"missing {SIGNATURE_HEADER} header"
     timestamps: list[str] = []
@@ -82,7 +80,7 @@ def signature_problem(
     # A list, not a generator: every candidate is compared, so timing reveals nothing.
     if not any([hmac.compare_digest(expected, c.encode()) for c in candidates]):
         return "signature does not match"
-    if abs((time.time() if now is None else now) - int(timestamps[0])) > tolerance:
+    if abs(now - int(timestamps[0])) > tolerance:
         return f"signature timestamp is more than {tolerance:g} s from now"
     return None
 
