@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import db
-from .attempt import Clock
+from .clock import Clock, utcnow
 from .errors import APPLICATION_JSON, AudienceError, InvalidField, NotFound, errors_body
 from .handlers import (
     State,
@@ -37,7 +37,6 @@ from .runtime import (
     prepare_database,
     run_worker,
     sweep_forever,
-    utcnow,
 )
 from .settings import Settings
 from .worker import Destinations, Doorbell

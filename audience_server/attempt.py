@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +23,13 @@ from sqlalchemy import Connection, Engine
 
 from . import db, delivery_store, store
 from .assembly import UsersPurged, chunked
+from .clock import Clock
 from .delivery_store import DeliveryKey
 from .providers.base import DeliveryError, PermanentError, Provider, RetryableError, Segment
 from .retry import RetryPolicy
 from .states import AttemptOutcome, DeliveryState, EventKind, SessionState, settled_state
 
 log = logging.getLogger("audience_server.delivery")
-
-Clock = Callable[[], dt.datetime]
 
 
 class LeaseLost(Exception):

@@ -95,9 +95,7 @@ def create_delivery(
     """A pending delivery, due at once."""
     conn.execute(
         insert(deliveries).values(
-            tenant=key.tenant,
-            session_key=key.session_key,
-            destination=key.destination,
+            **key._asdict(),
             kind=kind,
             segment_name=segment_name,
             state=DeliveryState.PENDING,
@@ -217,12 +215,7 @@ def start_attempt(
     """Record attempt ``number`` and give ``worker`` the delivery's lease."""
     conn.execute(
         insert(delivery_attempts).values(
-            tenant=key.tenant,
-            session_key=key.session_key,
-            destination=key.destination,
-            number=number,
-            worker=worker,
-            started_at=now,
+            **key._asdict(), number=number, worker=worker, started_at=now
         )
     )
     conn.execute(

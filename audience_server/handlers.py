@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import db, delivery_store, store
-from .attempt import Clock
 from .auth import tenant_of
+from .clock import Clock
 from .errors import (
     APPLICATION_JSON,
     SUCCESS_BODY,

@@ -14,7 +14,7 @@ import anyio.to_thread
 from sqlalchemy import Connection, Engine
 
 from . import db
-from .attempt import Clock
+from .clock import Clock, utcnow
 from .lifecycle import expire_overdue, purge_ended
 from .providers import configured_destinations
 from .retry import RetryPolicy
@@ -22,10 +22,6 @@ from .settings import Settings
 from .worker import Destinations, Doorbell, Worker
 
 log = logging.getLogger("audience_server")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def prepare_database(settings: Settings, engine: Engine) -> None:

@@ -30,7 +30,8 @@ from sqlalchemy import Engine
 
 from . import db, delivery_store, store
 from .assembly import Batch, UsersPurged, find_duplicates, unique_users
-from .attempt import Attempt, Claim, Clock, Terms
+from .attempt import Attempt, Claim, Terms
+from .clock import Clock
 from .delivery_store import DeliveryKey
 from .destinations import DestinationConfig
 from .parsing import decode_users
