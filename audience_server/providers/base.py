@@ -4,8 +4,8 @@
     ├── RetryableError         408, 429, 5xx, timeouts, connection errors: try again later
     └── PermanentError         anything else: the delivery fails now
 
-Providers translate their platform's errors (and httpx's) into these at their edge; the
-dispatcher never sees a foreign exception type.
+Providers translate their platform's errors (and httpx2's, through ``http.py``) into these
+at their edge; the dispatcher never sees a foreign exception type.
 """
 
 from __future__ import annotations

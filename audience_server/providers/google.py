@@ -85,9 +85,7 @@ log = logging.getLogger("audience_server.providers.google")
 
 DEFAULT_BASE_URL = "https://datamanager.googleapis.com"
 MAX_MEMBERS = 10_000  # AudienceMembers per ingest request
-ACCOUNT_TYPES = frozenset(
-    {"GOOGLE_ADS", "DISPLAY_VIDEO_PARTNER", "DISPLAY_VIDEO_ADVERTISER", "DATA_PARTNER"}
-)
+ACCOUNT_TYPES = ("DATA_PARTNER", "DISPLAY_VIDEO_ADVERTISER", "DISPLAY_VIDEO_PARTNER", "GOOGLE_ADS")
 CONSENT_VALUES = frozenset({"CONSENT_GRANTED", "CONSENT_DENIED", "CONSENT_STATUS_UNSPECIFIED"})
 CONSENT_KEYS = ("adUserData", "adPersonalization")
 MAX_MEMBERSHIP_DAYS = 540  # Customer Match's longest membership
@@ -229,7 +227,7 @@ class GoogleProvider(HttpAdapter):
     def from_config(cls, config: DestinationConfig) -> GoogleProvider:
         options = config.options
         token = check.token(options, "access_token", "an OAuth 2 access token")
-        account_type = _account_type(options, "account_type", "GOOGLE_ADS")
+        account_type = check.choice(options, "account_type", "GOOGLE_ADS", ACCOUNT_TYPES)
         account_id = _account_id(options, "account_id", required=True)
         assert account_id is not None
         login = _optional_account(options, "login_account", account_type)
@@ -494,13 +492,6 @@ def _id_of(user_list: object) -> str:
 # --- options -------------------------------------------------------------------------------
 
 
-def _account_type(options: Mapping[str, Any], field: str, default: str) -> str:
-    value = options.get(field, default)
-    if not isinstance(value, str) or value not in ACCOUNT_TYPES:
-        raise OptionError(field, f"must be one of {', '.join(sorted(ACCOUNT_TYPES))}")
-    return value
-
-
 def _account_id(options: Mapping[str, Any], field: str, *, required: bool) -> str | None:
     value = options.get(field)
     if value is None and not required:
@@ -522,7 +513,7 @@ def _optional_account(
         if f"{prefix}_type" in options:
             raise OptionError(f"{prefix}_id", f"is required when {prefix}_type is set")
         return None
-    return _account_type(options, f"{prefix}_type", default_type), ident
+    return check.choice(options, f"{prefix}_type", default_type, ACCOUNT_TYPES), ident
 
 
 def _list_id(value: object, field: str) -> str | None:
