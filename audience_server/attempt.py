@@ -29,7 +29,7 @@ from .providers.base import DeliveryError, PermanentError, Provider, RetryableEr
 from .retry import RetryPolicy
 from .states import AttemptOutcome, DeliveryState, EventKind, SessionState, settled_state
 
-log = logging.getLogger("audience_server.delivery")
+log = logging.getLogger("audience_server.delivery")  # the name log filters know
 
 
 class LeaseLost(Exception):

@@ -41,7 +41,7 @@ from .scratch import LazyScratch
 from .states import DeliveryState, EventKind, SessionState, segment_name
 from .store import SessionKey
 
-log = logging.getLogger("audience_server.delivery")
+log = logging.getLogger("audience_server.delivery")  # the name log filters know
 
 Destinations = Mapping[str, tuple[DestinationConfig, Provider]]
 

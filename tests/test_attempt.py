@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 
 import pytest
 from sqlalchemy import Engine, select
@@ -18,8 +18,10 @@ from audience_server import db, delivery_store, store
 from audience_server.app import create_app
 from audience_server.attempt import Attempt, Claim, Terms
 from audience_server.delivery_store import DeliveryKey
+from audience_server.destinations import DestinationConfig
 from audience_server.models import deliveries, delivery_attempts
 from audience_server.providers.base import Chunk, ChunkResult, Segment
+from audience_server.providers.recording import RecordingProvider
 from audience_server.retry import RetryPolicy
 from audience_server.settings import Settings
 from audience_server.states import AttemptOutcome, DeliveryState, SessionState
@@ -221,19 +223,26 @@ def terms(engine: Engine, clock: FakeClock, chunk_timeout: float = 30.0) -> Term
     )
 
 
-class Scripted:
-    """A provider whose ``send`` runs ``during`` on each chunk, then answers or hangs."""
+class Scripted(RecordingProvider):
+    """The recording provider, running ``during`` on each chunk, then hanging or answering."""
 
-    chunk_size = 2
-
-    def __init__(self, during: Any = None, hang: bool = False) -> None:
+    def __init__(self, during: Callable[[Chunk], object] | None = None, hang: bool = False) -> None:
+        super().__init__(chunk_size=2)
+        self.script(*[ChunkResult(status=200)] * 10)
         self.during = during
         self.hang = hang
-        self.chunks: list[int] = []
         self.cancelled = False
 
+    @classmethod
+    def from_config(cls, config: DestinationConfig) -> Self:
+        return cls()
+
+    @property
+    def chunks(self) -> list[int]:
+        return [sent.chunk.index for sent in self.sent]
+
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
-        self.chunks.append(chunk.index)
+        result = await super().send(segment, chunk)
         if self.during is not None:
             self.during(chunk)
         if self.hang:
@@ -242,10 +251,7 @@ class Scripted:
             except asyncio.CancelledError:
                 self.cancelled = True
                 raise
-        return ChunkResult(status=200)
-
-    async def aclose(self) -> None:
-        pass
+        return result
 
 
 def run(attempt: Attempt) -> DeliveryState | None:

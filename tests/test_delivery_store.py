@@ -122,14 +122,21 @@ def test_an_attempt_holds_the_lease_its_owner_alone_renews_and_finishes(engine: 
     )
 
     with db.write_transaction(engine) as conn:
-        done = {"state": DeliveryState.SUCCEEDED, "users_sent": 8, "invalid_users": 1}
-        assert not delivery_store.finish_delivery(
-            conn, key, worker="w2", error=None, next_attempt_at=later, now=later, **done
-        )
-        assert delivery(conn, key) == renewed  # nothing written
-        assert delivery_store.finish_delivery(
-            conn, key, worker="w1", error=None, next_attempt_at=later, now=later, **done
-        )
+        for worker in ("w2", "w1"):  # w2's finish writes nothing; w1's is the one
+            written = delivery_store.finish_delivery(
+                conn,
+                key,
+                worker=worker,
+                state=DeliveryState.SUCCEEDED,
+                users_sent=8,
+                invalid_users=1,
+                error=None,
+                next_attempt_at=later,
+                now=later,
+            )
+            assert written is (worker == "w1")
+            if worker == "w2":
+                assert delivery(conn, key) == renewed
         delivery_store.finish_attempt(
             conn, key, 1, outcome=AttemptOutcome.SUCCEEDED, http_status=200, error=None, now=later
         )

@@ -57,7 +57,8 @@ def test_a_session_settles_when_every_delivery_ended(
 
 
 def test_states_are_their_wire_strings() -> None:
-    assert SessionState.PARTIALLY_DELIVERED == "partially_delivered"
+    wire: str = SessionState.PARTIALLY_DELIVERED  # a state is a str, equal to its value
+    assert wire == "partially_delivered"
     assert f"{DeliveryState.RUNNING}" == "running"
     assert [s.value for s in SessionState][:3] == ["receiving", "complete", "delivering"]
 

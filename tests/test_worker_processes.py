@@ -4,6 +4,7 @@ workers never deliver one (session, destination) at the same time."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,12 @@ def test_two_workers_never_deliver_one_session_at_once(
         for key in keys:
             assert hook.wait_for_segment(key, timeout=60) == segments[key]
         states = [
-            eventually(lambda k=key: session(server.url, k), lambda b: b["state"] == "delivered")
+            eventually(partial(session, server.url, key), lambda b: b["state"] == "delivered")
             for key in keys
         ]
     finally:
-        for process in (*workers, server):
+        processes: list[WorkerProcess | ServerProcess] = [*workers, server]
+        for process in processes:
             process.stop()
     for key, body in zip(keys, states, strict=True):
         assert body["state"] == "delivered"
