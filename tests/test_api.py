@@ -10,7 +10,9 @@ import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
+from audience_server.app import create_app
 from audience_server.models import batches, events
+from audience_server.settings import Settings
 from audience_server.store import unpack_users
 from tests.conftest import FakeClock, make_users
 from tests.helpers import errors, form, send
@@ -147,15 +149,7 @@ def test_sequence_outside_zero_to_total_is_400(client: TestClient) -> None:
 # --- 413 -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_limits(settings: Any) -> Any:
-    return settings
-
-
 def test_body_over_limit_is_413(engine: Engine, clock: FakeClock, database_url: str) -> None:
-    from audience_server.app import create_app
-    from audience_server.settings import Settings
-
     settings = Settings(database_url=database_url, max_body_bytes=10_000, max_batch_users=5)
     with TestClient(
         create_app(settings, engine=engine, clock=clock, sweeper=False, destinations={})
@@ -402,9 +396,6 @@ def test_each_batch_pushes_expiry_forward(client: TestClient, clock: FakeClock) 
 def test_api_keys_guard_everything_but_healthz(
     engine: Engine, clock: FakeClock, database_url: str
 ) -> None:
-    from audience_server.app import create_app
-    from audience_server.settings import Settings
-
     settings = Settings(database_url=database_url, api_keys={"k1": "acme", "k2": "globex"})
     with TestClient(
         create_app(settings, engine=engine, clock=clock, sweeper=False, destinations={})
