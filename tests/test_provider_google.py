@@ -673,8 +673,8 @@ def test_emulator_user_lists(google: GoogleEmulator) -> None:
 
 def test_emulator_scripted_failures(google: GoogleEmulator) -> None:
     list_id = google.create_list(ACCOUNT, "vip")
-    google.fail("rate_limit", on="ingest", skip=1, retry_after="1")
-    google.fail("unavailable", times=2)
+    google.fail(429, on="ingest", after=1, retry_after="1")
+    google.fail(503, times=2)
     assert call(google, "ingest", ingest_body(list_id)).status_code == 200  # skipped
     limited = call(google, "ingest", ingest_body(list_id))
     assert rpc_error(limited) == (429, "RESOURCE_EXHAUSTED", ["RATE_LIMIT_EXCEEDED"])
@@ -684,8 +684,8 @@ def test_emulator_scripted_failures(google: GoogleEmulator) -> None:
         503,
         400,
     ]
-    with pytest.raises(ValueError, match="unknown failure kind"):
-        google.fail("teapot")
+    with pytest.raises(ValueError, match="no Google error for HTTP 418"):
+        google.fail(418)
 
 
 # --- the adapter against the emulator, without the app ----------------------------------------
@@ -729,7 +729,7 @@ def test_list_is_found_by_name_created_once_and_remembered(google: GoogleEmulato
     assert google.routes()[-2:] == [("listUserLists", 200), ("ingest", 200)]
     assert google.members(ACCOUNT, list_id) == expected
     created = next(c for c in google.calls if c.route == "createUserList")
-    assert created.body == {
+    assert created.json() == {
         "displayName": SEGMENT,
         "description": "Customer list delivered by Audience Server",
         "ingestedUserListInfo": {"uploadKeyTypes": ["CONTACT_ID"]},
@@ -756,7 +756,7 @@ def test_a_list_deleted_since_is_looked_up_again(google: GoogleEmulator) -> None
     run(google_provider, (segment(), chunk(users)))  # the next attempt
     new = the_list(google)
     assert new != old and google.members(ACCOUNT, new) == expected
-    created = [c.body for c in google.calls if c.route == "createUserList"]
+    created = [c.json() for c in google.calls_to("createUserList")]
     assert [body["membershipDuration"] for body in created] == ["2592000s", "2592000s"]
 
 
@@ -797,9 +797,9 @@ def test_login_account_consent_and_all_invalid_chunks(google: GoogleEmulator) ->
     assert [(r.invalid, r.status) for r in results] == [(4, None), (0, 200)]
     listed = next(c for c in google.calls if c.route == "listUserLists")
     assert listed.headers["login-account"] == "accountTypes/GOOGLE_ADS/accounts/4444444444"
-    (ingest,) = [c for c in google.calls if c.route == "ingest"]
-    assert ingest.body["consent"] == consent
-    assert ingest.body["destinations"] == [
+    (ingest,) = google.calls_to("ingest")
+    assert ingest.json()["consent"] == consent
+    assert ingest.json()["destinations"] == [
         {
             "operatingAccount": {"accountType": "GOOGLE_ADS", "accountId": ACCOUNT},
             "loginAccount": {"accountType": "GOOGLE_ADS", "accountId": "4444444444"},
@@ -809,7 +809,7 @@ def test_login_account_consent_and_all_invalid_chunks(google: GoogleEmulator) ->
     assert google.members(ACCOUNT, the_list(google)) == expected
     # without a consent option, no consent is claimed
     run(provider(google, user_list_id=the_list(google)), (segment(), chunk(users)))
-    assert "consent" not in google.calls[-1].body
+    assert "consent" not in google.calls[-1].json()
 
 
 def test_connection_errors_are_retryable(google: GoogleEmulator) -> None:
@@ -853,7 +853,7 @@ def test_a_25000_user_session_lands_exactly(
     assert (
         google.routes() == [("listUserLists", 200), ("createUserList", 200)] + [("ingest", 200)] * 3
     )
-    sizes = [len(c.body["audienceMembers"]) for c in google.calls if c.route == "ingest"]
+    sizes = [len(c.json()["audienceMembers"]) for c in google.calls_to("ingest")]
     assert max(sizes) <= 10_000 and sum(sizes) == 25_001
 
 
@@ -887,9 +887,9 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
     fast: Settings, engine: Engine, google: GoogleEmulator
 ) -> None:
     users, expected = mixed_users(30)
-    google.fail("rate_limit", on="ingest", skip=1)  # the second chunk of the first attempt
-    google.fail("unavailable", on="removeAll", skip=1)  # the second attempt's replace
-    google.fail("internal", on="listUserLists")
+    google.fail(429, on="ingest", after=1)  # the second chunk of the first attempt
+    google.fail(503, on="removeAll", after=1)  # the second attempt's replace
+    google.fail(500, on="listUserLists")
     where = destinations(("google-ads", "google", options(google, chunk_size=10)))
     with serve(fast, engine, where) as client:
         response = deliver(client, "flaky", users, kind="primary", batch=15)
@@ -918,7 +918,7 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
 
 
 def test_retry_after_is_honoured(fast: Settings, engine: Engine, google: GoogleEmulator) -> None:
-    google.fail("rate_limit", on="ingest", retry_after="1")
+    google.fail(429, on="ingest", retry_after="1")
     where = destinations(("google-ads", "google", options(google)))
     with serve(fast, engine, where) as client:
         assert deliver(client, "slow", mixed_users(3)[0]).status_code == 200
@@ -936,7 +936,7 @@ def test_retry_after_is_honoured(fast: Settings, engine: Engine, google: GoogleE
 def test_permanent_errors_fail_with_googles_message(
     fast: Settings, engine: Engine, google: GoogleEmulator
 ) -> None:
-    google.fail("permission_denied", on="ingest")
+    google.fail(403, on="ingest")
     where = destinations(
         ("google-ads", "google", options(google)),
         ("google-old", "google", options(google, access_token="ya29.expired")),

@@ -32,7 +32,7 @@ from audience_server.providers.klaviyo import (
     profile_attributes,
 )
 from audience_server.settings import Settings
-from tests.emulators.klaviyo import MEDIA_TYPE, KlaviyoEmulator
+from tests.emulators.klaviyo import MEDIA_TYPE, KlaviyoEmulator, errors_document
 from tests.helpers import NAME, destinations, errors, serve, status, upload
 
 KEY = "pk_live_one"
@@ -493,11 +493,11 @@ def test_an_existing_list_is_found_by_name_whatever_its_quotes(klaviyo: KlaviyoE
     asyncio.run(deliver(made, [simple_users(0, 2)], segment(name=plain)))
     assert klaviyo.member_ids(tricky) == klaviyo.member_ids(plain)
     assert (klaviyo.list_id(tricky), klaviyo.list_id(plain)) == (tricky_id, plain_id)
-    lookups = klaviyo.calls("GET", "/api/lists")
+    lookups = klaviyo.calls_to("get_lists")
     assert len(lookups) == 3 + 1  # all lists in pages of 10; then one filtered page
     assert "filter" not in lookups[0].query and "filter" in lookups[3].query
     asyncio.run(deliver(made, [simple_users(2, 1)], segment(name=plain)))
-    assert len(klaviyo.calls("GET", "/api/lists")) == 4  # remembered
+    assert len(klaviyo.calls_to("get_lists")) == 4  # remembered
 
 
 def test_a_list_deleted_at_klaviyo_is_looked_up_again(klaviyo: KlaviyoEmulator) -> None:
@@ -524,22 +524,24 @@ def test_jobs_cancelled_or_too_slow_are_retried(klaviyo: KlaviyoEmulator) -> Non
 def test_a_throttled_read_is_waited_out_when_it_fits(klaviyo: KlaviyoEmulator) -> None:
     made = provider(klaviyo, job_timeout=0.5)
     asyncio.run(deliver(made, [simple_users(0, 3)], segment()))
-    klaviyo.fail(429, times=3, retry_after="0", method="GET")  # three in a row
+    reads = {"get_lists", "get_list_members", "get_job", "get_job_profiles", "get_job_errors"}
+    klaviyo.fail(429, times=3, retry_after="0", on=reads)  # three in a row
     asyncio.run(deliver(made, [simple_users(1, 3)], segment("primary")))
     assert klaviyo.members(LIST) == simple_profiles(1, 3)
-    assert [c.method for c in klaviyo.calls() if c.status == 429] == ["GET"] * 3
-    klaviyo.fail(429, retry_after="1", method="GET")  # longer than the chunk may wait
+    assert [c.method for c in klaviyo.calls if c.status == 429] == ["GET"] * 3
+    klaviyo.fail(429, retry_after="1", on=reads)  # longer than the chunk may wait
     with pytest.raises(RetryableError) as caught:
         asyncio.run(deliver(made, [simple_users(1, 3)], segment("primary")))
     assert (caught.value.status, caught.value.retry_after) == (429, 1.0)
-    klaviyo.fail(429, retry_after="0", method="POST")  # an import is not repeated in place
+    writes = {"post_list", "add_list_members", "post_job"}
+    klaviyo.fail(429, retry_after="0", on=writes)  # an import is not repeated in place
     with pytest.raises(RetryableError, match=r"HTTP 429 \(import profiles\)"):
         asyncio.run(deliver(made, [simple_users(1, 3)], segment()))
 
 
 def test_errors_keep_klaviyo_detail_but_not_user_data(klaviyo: KlaviyoEmulator) -> None:
     detail = "Invalid email jane@example.com or phone +1 (415) 555-0100 in profile"
-    klaviyo.fail(400, detail=detail, method="POST", path="/api/profile-bulk-import-jobs")
+    klaviyo.fail(400, errors_document(400, detail), on="post_job")
     with pytest.raises(PermanentError) as caught:
         asyncio.run(deliver(provider(klaviyo), [simple_users(0, 2)], segment()))
     assert str(caught.value) == (
@@ -565,8 +567,9 @@ def test_primary_over_a_big_list_pages_and_removes_in_batches(klaviyo: KlaviyoEm
         [*simple_profiles(1_300, 200), *simple_profiles(9_000, 5)]
     )
     members = f"/api/lists/{klaviyo.list_id(LIST)}/relationships/profiles"
-    assert len(klaviyo.calls("GET", members)) == 15  # 1,500 members, 100 a page
-    assert len(klaviyo.calls("DELETE", members)) == 2  # 1,300 removed, 1,000 a call
+    on_members = [c for c in klaviyo.calls if c.path.rstrip("/") == members]
+    assert [c.route for c in on_members].count("get_list_members") == 15  # 100 a page
+    assert [c.route for c in on_members].count("remove_list_members") == 2  # 1,000 a call
     assert len(klaviyo.profiles()) == 1_505  # removed from the list, not deleted
 
 
@@ -603,7 +606,7 @@ def test_mixed_25k_session_lands_exactly(
         9_990,
         4_995,
     ]  # the refused emails are sent
-    calls = klaviyo.calls()
+    calls = klaviyo.calls
     assert {c.headers["revision"] for c in calls} == {"2026-07-15"}
     assert {c.headers["content-type"] for c in calls if c.method == "POST"} == {MEDIA_TYPE}
 
@@ -655,8 +658,8 @@ def test_rate_limits_and_outages_are_retried_to_success(
         assert upload(client, "before", simple_users(0, 30), 30, "?sync=true").status_code == 200
         # A 429 on the first import; then a 503 at the very end, on the removal of members
         # who are not in the new segment: each retried attempt starts over from chunk 1.
-        klaviyo.fail(429, retry_after="1", method="POST", path="/api/profile-bulk-import-jobs")
-        klaviyo.fail(503, method="DELETE")
+        klaviyo.fail(429, retry_after="1", on="post_job")
+        klaviyo.fail(503, on="remove_list_members")
         users = [*simple_users(20, 10), *simple_users(100, 30)]
         assert upload(client, "flaky", users, 20, "?sync=true", type="primary").status_code == 200
         body = status(client, "flaky")
@@ -691,7 +694,7 @@ def test_rate_limits_and_outages_are_retried_to_success(
 def test_permanent_errors_fail_with_klaviyos_message(
     fast: Settings, engine: Engine, klaviyo: KlaviyoEmulator
 ) -> None:
-    klaviyo.fail(403, method="POST", path="/api/profile-bulk-import-jobs")
+    klaviyo.fail(403, on="post_job")
     where = destinations(
         ("kl-main", "klaviyo", options(klaviyo)),
         ("kl-typo", "klaviyo", options(klaviyo, api_key="pk_revoked")),
@@ -728,6 +731,6 @@ def test_two_accounts_each_receive_the_segment(
     assert [d["state"] for d in body["deliveries"]] == ["succeeded", "succeeded"]
     for api_key in (KEY, OTHER_KEY):
         assert canonical(klaviyo.members(LIST, api_key)) == canonical(simple_profiles(0, 25))
-    assert {c.headers["revision"] for c in klaviyo.calls() if c.api_key == OTHER_KEY} == {
+    assert {c.headers["revision"] for c in klaviyo.calls if c.principal == OTHER_KEY} == {
         "2025-01-15"
     }

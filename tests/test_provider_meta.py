@@ -26,7 +26,15 @@ from audience_server.providers.base import (
 from audience_server.providers.meta import MetaProvider, graph_error, payload, user_row
 from audience_server.settings import Settings
 from tests.conftest import make_users
-from tests.emulators.meta import Member, MetaEmulator, member
+from tests.emulators.meta import (
+    UPLOAD_EDGES,
+    Member,
+    MetaEmulator,
+    graph_code,
+    graph_error_body,
+    member,
+    usage_header,
+)
 from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
 
 SEGMENT = "blotout_High_Value_Customers_Q1"
@@ -579,13 +587,13 @@ def test_an_existing_audience_is_found_on_a_later_page_and_remembered() -> None:
         users = make_users(3)
         results = run(deliver(made, segment(total=3), users, 10))
         assert results == [ChunkResult(invalid=0, status=200)]
-        assert [c.kind for c in meta.calls] == ["list", "list", "list", "users"]
+        assert [c.route for c in meta.calls] == ["list", "list", "list", "users"]
         assert {u.audience_id for u in meta.uploads()} == {audience_id}
         run(deliver(made, segment(total=3), users, 10))  # the id is remembered
-        assert [c.kind for c in meta.calls][4:] == ["users"]
+        assert [c.route for c in meta.calls][4:] == ["users"]
         assert len(meta.audiences(ACCOUNT_A)) == 24
         assert meta.members(ACCOUNT_A, SEGMENT) == {standard_member(u) for u in users}
-        assert all(c.token == TOKEN_A and "access_token" not in c.query for c in meta.calls)
+        assert all(c.principal == TOKEN_A and "access_token" not in c.query for c in meta.calls)
 
 
 def test_an_audience_deleted_at_meta_is_created_again(meta: MetaEmulator) -> None:
@@ -597,7 +605,7 @@ def test_an_audience_deleted_at_meta_is_created_again(meta: MetaEmulator) -> Non
     (audience,) = meta.audiences(ACCOUNT_A)
     assert audience.members == {standard_member(u) for u in users[2:]}
     assert audience.customer_file_source == "USER_PROVIDED_ONLY"
-    assert [c.kind for c in meta.calls] == [
+    assert [c.route for c in meta.calls] == [
         "list",
         "create",
         "users",
@@ -665,7 +673,7 @@ def test_a_slow_answer_is_retryable(meta: MetaEmulator) -> None:
 
 
 def test_a_proxy_error_page_is_retryable(meta: MetaEmulator) -> None:
-    meta.http_error(502, on="list")
+    meta.fail(502, b"<html><body>Service Unavailable</body></html>", on="list")
     with pytest.raises(RetryableError, match="HTTP 502"):
         run(deliver(provider(meta), segment(total=1), make_users(1), 10))
 
@@ -802,9 +810,14 @@ def test_rate_limits_and_transient_errors_are_retried_to_one_whole_replace(
 ) -> None:
     meta.add_audience(ACCOUNT_A, SEGMENT, members=[member(EMAIL=h("old@example.com"))])
     users = make_users(30)
-    meta.rate_limit(on="list")  # the lookup of attempt 1
-    meta.transient(after=1)  # chunk 2 of attempt 2, half-way through its replace session
-    meta.fail(80003, "(#80003) There have been too many calls to this ad-account")  # attempt 3
+    limited = graph_error_body(17, "(#17) User request limit reached", subcode=2446079)
+    meta.fail(400, limited, headers=usage_header(), on="list")  # the lookup of attempt 1
+    unexpected = "An unexpected error has occurred. Please retry your request later."
+    transient = graph_error_body(2, unexpected, transient=True)
+    # chunk 2 of attempt 2, half-way through its replace session
+    meta.fail(400, transient, on=UPLOAD_EDGES, after=1)
+    too_many = graph_error_body(80003, "(#80003) There have been too many calls to this ad-account")
+    meta.fail(400, too_many, on=UPLOAD_EDGES)  # attempt 3
     where = destinations(("meta-a", "facebook", options(meta, chunk_size=10)))
     with serve(fast, engine, where) as client:
         assert upload_one(client, "r", users, "primary").status_code == 200
@@ -820,14 +833,17 @@ def test_rate_limits_and_transient_errors_are_retried_to_one_whole_replace(
     sessions = [u.session_id for u in meta.uploads()]
     assert len(sessions) == 4 and sessions[0] != sessions[1]  # the half-done one, the whole one
     assert [u.batch_seq for u in meta.uploads()] == [1, 1, 2, 3]
-    refused = [(c.kind, c.code) for c in meta.calls if c.code is not None]
+    refused = [(c.route, graph_code(c)) for c in meta.calls if graph_code(c) is not None]
     assert refused == [("list", 17), ("usersreplace", 2), ("usersreplace", 80003)]
 
 
 def test_a_permanent_error_fails_with_metas_message(
     fast: Settings, engine: Engine, meta: MetaEmulator
 ) -> None:
-    meta.permission_error()
+    denied = graph_error_body(
+        200, "(#200) The current user can not update audience", transient=False
+    )
+    meta.fail(400, denied, on=UPLOAD_EDGES)
     where = destinations(("meta-a", "facebook", options(meta)))
     with serve(fast, engine, where) as client:
         response = upload_one(client, "denied", make_users(5), "custom")
@@ -874,5 +890,5 @@ def test_two_accounts_each_receive_the_segment(
     assert meta.members(ACCOUNT_B, SEGMENT) == expected
     a, b = meta.audience(ACCOUNT_A, SEGMENT), meta.audience(ACCOUNT_B, SEGMENT)
     assert a.id != b.id
-    assert {c.token for c in meta.calls if a.id in c.path} == {TOKEN_A}
-    assert {c.token for c in meta.calls if b.id in c.path} == {TOKEN_B}
+    assert {c.principal for c in meta.calls if a.id in c.path} == {TOKEN_A}
+    assert {c.principal for c in meta.calls if b.id in c.path} == {TOKEN_B}

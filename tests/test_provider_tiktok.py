@@ -26,7 +26,7 @@ from audience_server.providers.base import (
 )
 from audience_server.providers.tiktok import TikTokProvider, batch_data, identifiers
 from audience_server.settings import Settings
-from tests.emulators.tiktok import AUDIENCE, LIST, MAPPING, TikTokEmulator
+from tests.emulators.tiktok import AUDIENCE, LIST, MAPPING, TikTokEmulator, envelope_error
 from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
 
 ADVERTISER = "7000000000000000001"
@@ -321,8 +321,8 @@ def test_emulator_checks_audience_calls_and_routes(tiktok: TikTokEmulator) -> No
 
 def test_emulator_scripted_answers_apply_to_valid_requests_only(tiktok: TikTokEmulator) -> None:
     mine = tiktok.add_audience(ADVERTISER, "mine")
-    tiktok.respond_with_code(40100, endpoint=MAPPING)
-    tiktok.respond_with_status(429, retry_after="1", endpoint=MAPPING)
+    tiktok.fail(200, envelope_error(40100), on=MAPPING)
+    tiktok.fail(429, retry_after="1", on=MAPPING)
     assert call(tiktok, MAPPING, mapping(mine), token="bad").json()["code"] == 40105
     assert (
         call(tiktok, LIST, method="GET", params={"advertiser_id": ADVERTISER}).json()["code"] == 0
@@ -380,10 +380,10 @@ def test_audience_is_found_across_pages_not_created_again(tiktok: TikTokEmulator
     run(provider, lambda: deliver(provider, attempt(), contacts(3), 10))
     assert tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id == existing
     assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(3)
-    pages = [call.query["page"] for call in tiktok.calls_to(LIST)]
+    pages = [call.params["page"] for call in tiktok.answered(LIST)]
     assert pages == ["1", "2"]
-    assert tiktok.calls_to(AUDIENCE) == []
-    assert {call.query["page_size"] for call in tiktok.calls_to(LIST)} == {"100"}
+    assert tiktok.answered(AUDIENCE) == []
+    assert {call.params["page_size"] for call in tiktok.answered(LIST)} == {"100"}
 
 
 def test_remembered_audience_is_reused_and_looked_up_again_when_gone(
@@ -394,14 +394,14 @@ def test_remembered_audience_is_reused_and_looked_up_again_when_gone(
     async def three_attempts() -> None:
         await deliver(provider, attempt(), contacts(2), 10)
         await deliver(provider, attempt(), contacts(2, 2), 10)  # remembered: no lookup
-        assert len(tiktok.calls_to(LIST)) == 1
+        assert len(tiktok.answered(LIST)) == 1
         # Someone deletes the audience in Ads Manager; the remembered id is stale.
         tiktok.delete_audience(ADVERTISER, provider.audience_ids[AUDIENCE_NAME])
         await deliver(provider, attempt(), contacts(2, 4), 10)
 
     run(provider, three_attempts)
     assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(2, 4)
-    assert len(tiktok.calls_to(MAPPING, 40002)) == 1
+    assert len(tiktok.answered(MAPPING, 40002)) == 1
     assert (
         provider.audience_ids[AUDIENCE_NAME]
         == tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id
@@ -424,7 +424,7 @@ def test_primary_deletes_every_audience_of_its_name_and_fills_a_fresh_one(
         untouched,
         audience.audience_id,
     ]
-    deleted = [call.body["audience_id"] for call in tiktok.calls_to(AUDIENCE)[:2]]
+    deleted = [call.json()["audience_id"] for call in tiktok.answered(AUDIENCE)[:2]]
     assert deleted == [first, second]
 
 
@@ -435,7 +435,7 @@ def test_primary_with_no_usable_user_leaves_an_empty_audience(tiktok: TikTokEmul
     assert results == [ChunkResult(invalid=2)]
     audience = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
     assert audience.audience_id != old and audience.members == {}
-    assert tiktok.calls_to(MAPPING) == []
+    assert tiktok.answered(MAPPING) == []
 
 
 REQUEST_ID = r" \(request_id \d+\)"
@@ -468,11 +468,9 @@ def test_platform_answers_map_to_retryable_or_permanent(
 ) -> None:
     kind, value = script
     if kind == "code":
-        tiktok.respond_with_code(value, endpoint=MAPPING)
+        tiktok.fail(200, envelope_error(value), on=MAPPING)
     else:
-        tiktok.respond_with_status(
-            value, endpoint=MAPPING, retry_after="1" if retry_after else None
-        )
+        tiktok.fail(value, on=MAPPING, retry_after="1" if retry_after else None)
     provider = provider_for(tiktok)
     with pytest.raises(error) as caught:
         run(provider, lambda: deliver(provider, attempt(), contacts(1), 10))
@@ -572,10 +570,10 @@ def test_mixed_session_of_25000_users_is_delivered_exactly(
     }
     assert invalid == 1_250
     assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected
-    rows = [len(call.body["batch_data"]) for call in tiktok.calls_to(MAPPING)]
+    rows = [len(call.json()["batch_data"]) for call in tiktok.answered(MAPPING)]
     assert len(rows) == 25 and max(rows) <= 1_000 and sum(rows) == 25_000 - invalid
-    assert all(call.body["id_schema"] == [EMAIL, PHONE] for call in tiktok.calls_to(MAPPING))
-    assert len(tiktok.calls_to(AUDIENCE)) == 1  # created once
+    assert all(call.json()["id_schema"] == [EMAIL, PHONE] for call in tiktok.answered(MAPPING))
+    assert len(tiktok.answered(AUDIENCE)) == 1  # created once
 
 
 def test_custom_adds_and_primary_replaces(
@@ -606,9 +604,9 @@ def test_custom_adds_and_primary_replaces(
 def test_rate_limits_and_transient_errors_are_retried_to_success(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
-    tiktok.respond_with_code(40100, endpoint=LIST)
-    tiktok.respond_with_code(50000, endpoint=MAPPING)
-    tiktok.respond_with_status(500, endpoint=MAPPING)
+    tiktok.fail(200, envelope_error(40100), on=LIST)
+    tiktok.fail(200, envelope_error(50000), on=MAPPING)
+    tiktok.fail(500, on=MAPPING)
     where = destinations(("tt", "tiktok", options(tiktok, chunk_size=5)))
     with serve(fast, engine, where) as client:
         assert upload(client, "flaky", contacts(12), 6, "?sync=true").status_code == 200
@@ -632,7 +630,7 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
 def test_retry_after_of_a_raw_429_is_honoured(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
-    tiktok.respond_with_status(429, retry_after="1", endpoint=MAPPING)
+    tiktok.fail(429, retry_after="1", on=MAPPING)
     with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
         assert upload(client, "slow", contacts(3), 3, "?sync=true").status_code == 200
     with engine.connect() as conn:
@@ -646,7 +644,7 @@ def test_permanent_error_fails_the_delivery_with_tiktoks_message(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
     message = "Advertiser does not grant you Audience Management permission."
-    tiktok.respond_with_code(40001, message=message, endpoint=MAPPING)
+    tiktok.fail(200, envelope_error(40001, message), on=MAPPING)
     with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
         response = upload(client, "denied", contacts(4), 2, "?sync=true")
         assert response.status_code == 400

@@ -1,4 +1,5 @@
-"""The webhook emulator, exercised over real HTTP as the delivery worker will use it."""
+"""The webhook emulator, exercised over real HTTP as the delivery worker will use it, and
+through it the call log and failure scripting every emulator shares."""
 
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.emulators.webhook import (
-    ChunkOrderError,
-    NoCompleteAttempt,
-    WebhookEmulator,
-    sign,
-    verify_signature,
-)
+from audience_server.providers.webhook import sign, verify_signature
+from tests.emulators.loopback import Incoming
+from tests.emulators.webhook import ChunkOrderError, NoCompleteAttempt, WebhookEmulator
 
 SECRET = b"test-secret"
 SESSION = "1708531200"
@@ -269,7 +266,7 @@ def test_chunked_transfer_encoding_is_accepted(hook: WebhookEmulator, http: http
 
 
 def test_scripted_503_twice_then_success(hook: WebhookEmulator, http: httpx2.Client) -> None:
-    hook.respond_with(503, times=2, retry_after="7")
+    hook.fail(503, times=2, retry_after="7")
     body = chunk_body(1, True, USERS)
 
     statuses = [post(http, hook, body) for _ in range(3)]
@@ -285,7 +282,7 @@ def test_scripted_503_twice_then_success(hook: WebhookEmulator, http: httpx2.Cli
 
 
 def test_scripted_400_with_a_text_message(hook: WebhookEmulator, http: httpx2.Client) -> None:
-    hook.respond_with(400, body="audience too small")
+    hook.fail(400, "audience too small")
 
     response = post(http, hook, chunk_body(1, True, USERS))
 
@@ -301,12 +298,54 @@ def test_scripted_400_with_a_text_message(hook: WebhookEmulator, http: httpx2.Cl
 def test_scripted_answers_wait_for_a_good_signature(
     hook: WebhookEmulator, http: httpx2.Client
 ) -> None:
-    hook.respond_with(503)
+    hook.fail(503)
     body = chunk_body(1, True, USERS)
 
     assert post(http, hook, body, secret=b"wrong").status_code == 401
     assert post(http, hook, body).status_code == 503
     assert post(http, hook, body).status_code == 200
+
+
+def test_every_request_is_in_the_call_log(hook: WebhookEmulator, http: httpx2.Client) -> None:
+    good = json.dumps(chunk_body(1, True, USERS)).encode()
+    hook.fail(503)
+
+    assert post(http, hook, good, secret=b"wrong").status_code == 401
+    assert post(http, hook, good).status_code == 503
+    assert post(http, hook, good).status_code == 200
+    assert http.get(hook.url + "/elsewhere", params={"x": "1"}).status_code == 405
+
+    assert hook.routes() == [("chunk", 401), ("chunk", 503), ("chunk", 200), ("unknown", 405)]
+    refused, scripted, accepted, wrong_method = hook.calls
+    assert [c.scripted for c in hook.calls] == [False, True, False, False]
+    assert refused.body == good and refused.method == "POST" and refused.path == "/hook"
+    assert "signature" in refused.answer_json()["error"]
+    assert scripted.answer_json() == {"error": "scripted 503 Service Unavailable"}
+    assert accepted.json() == chunk_body(1, True, USERS)
+    assert accepted.headers["x-audience-signature"].startswith("t=")
+    assert accepted.principal is None and accepted.answer_json() == {"received": True}
+    assert (wrong_method.query, wrong_method.params) == ("x=1", {"x": "1"})
+    assert hook.calls_to("chunk") == [refused, scripted, accepted]
+    assert hook.invalid == [refused, wrong_method]
+
+
+def test_a_scripted_failure_can_let_requests_through_and_pick_its_targets(
+    hook: WebhookEmulator, http: httpx2.Client
+) -> None:
+    def session_b(request: Incoming) -> bool:
+        session: str = json.loads(request.body or b"{}")["sessionId"]
+        return session == "b"
+
+    hook.fail(500, {"error": "for b"}, times=2, on=session_b, after=1)
+    hook.fail(409, on="elsewhere")  # no such route: never used
+    answers = [
+        post(http, hook, chunk_body(1, True, USERS, session_id=session)).status_code
+        for session in ("a", "b", "a", "b", "b", "b")
+    ]
+
+    assert answers == [200, 200, 200, 500, 500, 200]
+    assert [call.answer_json() for call in hook.calls if call.scripted] == [{"error": "for b"}] * 2
+    assert [r.session_id for r in hook.rejected] == ["b", "b"]
 
 
 def test_client_timeout_on_a_delayed_answer(hook: WebhookEmulator, http: httpx2.Client) -> None:

@@ -20,11 +20,13 @@ JSON (``{"error": {"code", "message", "status", "details"}}``) when it refuses:
   of ``("emailAddress", hex)``, ``("phoneNumber", hex)``,
   ``("address", givenName hex, familyName hex, regionCode, postalCode)``, with the time it
   was last added (``removeAll`` removes members last added before its ``removeAsOfTime``);
-- ``fail()`` queues RESOURCE_EXHAUSTED, UNAVAILABLE, PERMISSION_DENIED, ... answers.
+- ``fail(status)`` answers with Google's error of that status (429 RESOURCE_EXHAUSTED,
+  503 UNAVAILABLE, 403 PERMISSION_DENIED, ...: see FAILURES); each request's route is
+  ingest, remove, removeAll, listUserLists, createUserList or unknown.
 
     with GoogleEmulator() as google:
         google.grant("token-1", "1234567890")
-        google.fail("rate_limit", on="ingest", retry_after="1")
+        google.fail(429, on="ingest", retry_after="1")
         ...  # a google destination with base_url=google.base_url, access_token="token-1"
         assert google.members("1234567890", google.lists("1234567890")["blotout_x"]) == {...}
 """
@@ -37,7 +39,6 @@ import datetime as dt
 import itertools
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -45,7 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.base import Emulator
+from tests.emulators.loopback import HttpError, Incoming, Reply
 
 Account = tuple[str, str]  # (accountType, accountId)
 Member = frozenset[tuple[str, ...]]
@@ -80,32 +82,21 @@ _FILTER = re.compile(r'\s*(?:display_name|displayName)\s*=\s*"((?:[^"\\]|\\.)*)"
 _DURATION = re.compile(r"([0-9]+)s")
 _DATA_KINDS = ("userData", "pairData", "mobileData", "userIdData", "ppidData")
 
-# kind -> (HTTP status, google.rpc status, message, ErrorInfo reason)
-FAILURES: dict[str, tuple[int, str, str, str]] = {
-    "rate_limit": (
-        429,
+# What fail(status) answers: HTTP status -> (google.rpc status, message, ErrorInfo reason)
+FAILURES: dict[int, tuple[str, str, str]] = {
+    429: (
         "RESOURCE_EXHAUSTED",
         "Quota exceeded for quota metric 'Ingestion requests' and limit 'Ingestion requests "
         f"per minute per project' of service '{DOMAIN}'.",
         "RATE_LIMIT_EXCEEDED",
     ),
-    "unavailable": (503, "UNAVAILABLE", "The service is currently unavailable.", "UNAVAILABLE"),
-    "internal": (500, "INTERNAL", "An internal error has occurred.", "INTERNAL_ERROR"),
-    "deadline": (504, "DEADLINE_EXCEEDED", "The request took too long.", "DEADLINE_EXCEEDED"),
-    "permission_denied": (
-        403,
-        "PERMISSION_DENIED",
-        "The caller does not have permission",
-        "PERMISSION_DENIED",
-    ),
-    "unauthenticated": (401, "UNAUTHENTICATED", AUTH_MESSAGE, "ACCESS_TOKEN_EXPIRED"),
-    "invalid_argument": (
-        400,
-        "INVALID_ARGUMENT",
-        "There was a problem with the request.",
-        "INVALID_ARGUMENT",
-    ),
-    "not_found": (404, "NOT_FOUND", "Resource not found.", "NOT_FOUND"),
+    503: ("UNAVAILABLE", "The service is currently unavailable.", "UNAVAILABLE"),
+    500: ("INTERNAL", "An internal error has occurred.", "INTERNAL_ERROR"),
+    504: ("DEADLINE_EXCEEDED", "The request took too long.", "DEADLINE_EXCEEDED"),
+    403: ("PERMISSION_DENIED", "The caller does not have permission", "PERMISSION_DENIED"),
+    401: ("UNAUTHENTICATED", AUTH_MESSAGE, "ACCESS_TOKEN_EXPIRED"),
+    400: ("INVALID_ARGUMENT", "There was a problem with the request.", "INVALID_ARGUMENT"),
+    404: ("NOT_FOUND", "Resource not found.", "NOT_FOUND"),
 }
 
 
@@ -156,6 +147,9 @@ class GoogleError(Exception):
             error["details"] = details
         return {"error": error}
 
+    def reply(self, request_id: str) -> Reply:
+        return _rpc(self.code, self.body(request_id), self.headers)
+
 
 def invalid(
     message: str, *, reason: str = "INVALID_ARGUMENT", field: str | None = None
@@ -167,29 +161,6 @@ def _missing(field: str) -> GoogleError:
     return invalid(
         f"Required field is missing: {field}.", reason="REQUIRED_FIELD_MISSING", field=field
     )
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request as received and what it was answered."""
-
-    method: str
-    path: str
-    route: str  # ingest | remove | removeAll | listUserLists | createUserList | unknown
-    headers: Mapping[str, str]
-    body: Any  # parsed JSON, or None
-    status: int
-    answer: Mapping[str, Any]
-
-
-@dataclass
-class _Failure:
-    kind: str
-    on: str
-    times: int
-    skip: int
-    retry_after: str | None
-    message: str | None
 
 
 @dataclass
@@ -222,110 +193,78 @@ class GoogleEmulator(Emulator):
     """The Data Manager API on a loopback port; state is read with the accessors below."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__(name="google-emulator")
         self._grants: dict[str, set[Account]] = {}
         self._managed: dict[Account, set[Account]] = {}
         self._lists: dict[Account, dict[str, UserList]] = {}
         self._members: dict[tuple[Account, str], dict[Member, float]] = {}
-        self._failures: list[_Failure] = []
-        self._calls: list[Call] = []
         self._ids = itertools.count(9_000_000_001)
-        self._server = LoopbackServer(self._handle, name="google-emulator")
 
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    # -- set-up and scripting ------------------------------------------------------------------
+    # -- set-up --------------------------------------------------------------------------------
 
     def grant(self, token: str, account_id: str, account_type: str = "GOOGLE_ADS") -> None:
         """Let ``token`` (an OAuth user) write to the account."""
-        with self._lock:
+        with self._cond:
             self._grants.setdefault(token, set()).add((account_type, account_id))
 
     def link(self, manager_id: str, client_id: str, account_type: str = "GOOGLE_ADS") -> None:
         """Make ``manager_id`` a manager of ``client_id``: it may act as its loginAccount."""
-        with self._lock:
+        with self._cond:
             self._managed.setdefault((account_type, manager_id), set()).add(
                 (account_type, client_id)
             )
 
     def create_list(self, account_id: str, name: str, account_type: str = "GOOGLE_ADS") -> str:
         """A Customer Match list made in the Google Ads UI; returns its id."""
-        with self._lock:
+        with self._cond:
             return self._new_list((account_type, account_id), name, "", None, ["CONTACT_ID"]).id
 
     def delete_list(self, account_id: str, list_id: str, account_type: str = "GOOGLE_ADS") -> None:
-        with self._lock:
+        with self._cond:
             del self._lists[(account_type, account_id)][list_id]
             self._members.pop(((account_type, account_id), list_id), None)
-
-    def fail(
-        self,
-        kind: str,
-        times: int = 1,
-        *,
-        on: str = "any",
-        skip: int = 0,
-        retry_after: str | None = None,
-        message: str | None = None,
-    ) -> None:
-        """Answer ``times`` authenticated requests to ``on`` (a route name or "any") with the
-        ``kind`` of error (see FAILURES), after letting ``skip`` of them through."""
-        if kind not in FAILURES:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(FAILURES)}")
-        with self._lock:
-            self._failures.append(_Failure(kind, on, times, skip, retry_after, message))
 
     # -- what it holds ------------------------------------------------------------------------
 
     def lists(self, account_id: str, account_type: str = "GOOGLE_ADS") -> dict[str, str]:
         """Display name -> list id, for the account's lists."""
-        with self._lock:
+        with self._cond:
             found = self._lists.get((account_type, account_id), {})
             return {item.display_name: item.id for item in found.values()}
 
     def members(
         self, account_id: str, list_id: str, account_type: str = "GOOGLE_ADS"
     ) -> set[Member]:
-        with self._lock:
+        with self._cond:
             return set(self._members.get(((account_type, account_id), list_id), {}))
-
-    @property
-    def calls(self) -> list[Call]:
-        """Every request, in arrival order, with the status it got."""
-        with self._lock:
-            return list(self._calls)
-
-    def routes(self) -> list[tuple[str, int]]:
-        """(route, status) of every request, in arrival order."""
-        return [(call.route, call.status) for call in self.calls]
 
     # -- serving -------------------------------------------------------------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
         request_id = uuid.uuid4().hex
-        route, body = "unknown", None
-        headers: dict[str, str] = {}
         try:
             route, account = self._route(incoming)
-            token = self._token(incoming)
-            self._scripted(route)
-            if incoming.method == "POST":
-                body = self._json(incoming)
-            with self._lock:
+            incoming.route = route
+            incoming.principal = token = self._token(incoming)
+            turn = self._take(incoming)
+            turn.wait()
+            if turn.reply is not None:
+                return turn.reply
+            body = self._json(incoming) if incoming.method == "POST" else None
+            with self._cond:
                 answer = self._serve(route, account, token, incoming, body, request_id)
-            status = 200
         except GoogleError as exc:
-            status, answer, headers = exc.code, exc.body(request_id), exc.headers
+            return exc.reply(request_id)
         except HttpError as exc:  # from reading the body
-            error = GoogleError(exc.status, "INVALID_ARGUMENT", exc.message)
-            status, answer = exc.status, error.body(request_id)
-        with self._lock:
-            self._calls.append(
-                Call(incoming.method, incoming.path, route, incoming.headers, body, status, answer)
-            )
-        return Reply(
-            status, json.dumps(answer).encode(), "application/json; charset=UTF-8", headers
-        )
+            return GoogleError(exc.status, "INVALID_ARGUMENT", exc.message).reply(request_id)
+        return _rpc(200, answer)
+
+    def _failure(self, status: int, retry_after: str | None) -> Reply:
+        if status not in FAILURES:
+            known = ", ".join(str(code) for code in FAILURES)
+            raise ValueError(f"no Google error for HTTP {status} to script; known: {known}")
+        name, message, reason = FAILURES[status]
+        return GoogleError(status, name, message, reason=reason).reply(uuid.uuid4().hex)
 
     def _route(self, incoming: Incoming) -> tuple[str, Account | None]:
         route = _ROUTES.get(incoming.path)
@@ -339,31 +278,13 @@ class GoogleEmulator(Emulator):
 
     def _token(self, incoming: Incoming) -> str:
         scheme, _, token = incoming.headers.get("authorization", "").partition(" ")
-        with self._lock:
+        with self._cond:
             known = token in self._grants
         if scheme != "Bearer" or not known:
             raise GoogleError(
                 401, "UNAUTHENTICATED", AUTH_MESSAGE, reason="ACCESS_TOKEN_TYPE_UNSUPPORTED"
             )
         return token
-
-    def _scripted(self, route: str) -> None:
-        with self._lock:
-            for failure in self._failures:
-                if failure.on not in ("any", route):
-                    continue
-                if failure.skip > 0:
-                    failure.skip -= 1
-                    return
-                failure.times -= 1
-                if failure.times <= 0:
-                    self._failures.remove(failure)
-                break
-            else:
-                return
-        code, status, message, reason = FAILURES[failure.kind]
-        headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
-        raise GoogleError(code, status, failure.message or message, reason=reason, headers=headers)
 
     def _json(self, incoming: Incoming) -> dict[str, Any]:
         raw = incoming.read_body(MAX_BODY)
@@ -637,6 +558,11 @@ class GoogleEmulator(Emulator):
                 for member in [m for m, added in held.items() if added < cutoff]:
                     del held[member]
         return {"requestId": request_id}
+
+
+def _rpc(status: int, answer: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Reply:
+    body = json.dumps(answer).encode()
+    return Reply(status, body, "application/json; charset=UTF-8", dict(headers or {}))
 
 
 # -- field checks (pure) ----------------------------------------------------------------------

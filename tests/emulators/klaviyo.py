@@ -19,9 +19,12 @@ its lists. A profile Klaviyo would reject while processing (an email whose domai
 top-level domain, identifiers that belong to two different profiles) is counted in
 ``failed_count`` and listed under import-errors instead.
 
-Tests script failures with ``fail()`` (any status, optional ``Retry-After``, only for a method,
-path or key) and ``cancel_jobs()``, and read what the account holds with ``lists()``,
-``members()``, ``profiles()``, ``jobs()``, ``import_errors()`` and ``calls()``.
+Tests script failures with ``fail()`` (any status, in Klaviyo's envelope unless given a body,
+e.g. from ``errors_document()``; ``on`` a route, named after its handler: ``get_lists``,
+``post_list``, ``get_list_members``, ``add_list_members``, ``remove_list_members``,
+``post_job``, ``get_job``, ``get_job_profiles``, ``get_job_errors``) and ``cancel_jobs()``,
+and read what the account holds with ``lists()``, ``members()``, ``profiles()``, ``jobs()``,
+``import_errors()``; ``calls`` is every request.
 
     with KlaviyoEmulator("pk_one", "pk_two") as klaviyo:
         klaviyo.fail(429, retry_after="1")
@@ -35,15 +38,14 @@ import base64
 import datetime as dt
 import json
 import re
-import threading
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.base import Emulator
+from tests.emulators.loopback import HttpError, Incoming, Reply
 
 MEDIA_TYPE = "application/vnd.api+json"
 MAX_BODY_BYTES = 5_000_000
@@ -179,33 +181,42 @@ class _Request:
     raw: bytes
 
 
-@dataclass(frozen=True)
-class Call:
-    """One request as answered: for assertions on what the provider did."""
+def errors_document(
+    status: int,
+    detail: str,
+    *,
+    pointer: str | None = None,
+    parameter: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """Klaviyo's error envelope, ``{"errors": [{"id", "status", "code", "title", "detail",
+    "source"}]}``, as ``fail()`` or a refusal sends it."""
+    default_code, title = _TITLES.get(status, ("error", "Error."))
+    source: dict[str, str] = {}
+    if pointer is not None:
+        source["pointer"] = pointer
+    if parameter is not None:
+        source["parameter"] = parameter
+    error = {
+        "id": str(uuid.uuid4()),
+        "status": status,
+        "code": code or default_code,
+        "title": title,
+        "detail": detail,
+        "source": source,
+    }
+    return {"errors": [error]}
 
-    method: str
-    path: str
-    query: str
-    status: int
-    api_key: str | None
-    headers: dict[str, str]
+
+def _error(exc: KlaviyoError) -> Reply:
+    body = errors_document(
+        exc.status, exc.detail, pointer=exc.pointer, parameter=exc.parameter, code=exc.code
+    )
+    return _document(exc.status, body)
 
 
-@dataclass
-class _Scripted:
-    status: int
-    retry_after: str | None
-    detail: str | None
-    method: str | None
-    path: str | None
-    api_key: str | None
-
-    def matches(self, method: str, path: str, api_key: str) -> bool:
-        return (
-            (self.method is None or self.method == method)
-            and (self.path is None or path.rstrip("/") == self.path.rstrip("/"))
-            and (self.api_key is None or self.api_key == api_key)
-        )
+def _document(status: int, document: Any) -> Reply:
+    return Reply(status, json.dumps(document).encode(), MEDIA_TYPE)
 
 
 def _now() -> str:
@@ -234,52 +245,32 @@ class KlaviyoEmulator(Emulator):
         keys = api_keys or ("pk_test_key",)
         self.default_key = keys[0]
         self.polls_to_complete = max(1, polls_to_complete)
+        super().__init__(name="klaviyo")
         self._accounts = {key: Account(key) for key in keys}
-        self._lock = threading.Lock()
-        self._scripted: deque[_Scripted] = deque()
         self._cancel_jobs = 0
-        self._calls: list[Call] = []
         self._counter = 0
-        self._server = LoopbackServer(self._handle, name="klaviyo")
 
-    # -- scripting ---------------------------------------------------------------------------
-
-    def fail(
-        self,
-        status: int,
-        times: int = 1,
-        *,
-        retry_after: str | None = None,
-        detail: str | None = None,
-        method: str | None = None,
-        path: str | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        """Answer the next ``times`` authenticated requests (those matching ``method``,
-        ``path`` and ``api_key`` when given) with ``status`` in Klaviyo's error envelope."""
-        entry = _Scripted(status, retry_after, detail, method, path, api_key)
-        with self._lock:
-            self._scripted.extend([entry] * times)
+    # -- set-up ------------------------------------------------------------------------------
 
     def cancel_jobs(self, times: int = 1) -> None:
         """The next ``times`` import jobs end ``cancelled`` at their first poll."""
-        with self._lock:
+        with self._cond:
             self._cancel_jobs += times
 
     def create_list(self, name: str, api_key: str | None = None) -> str:
         """A list made in Klaviyo's UI, say; its id. Duplicate names are allowed, as there."""
-        with self._lock:
+        with self._cond:
             return self._new_list(self._account(api_key), name, "single_opt_in").id
 
     def delete_list(self, list_id: str, api_key: str | None = None) -> None:
-        with self._lock:
+        with self._cond:
             del self._account(api_key).lists[list_id]
 
     # -- what the account holds --------------------------------------------------------------
 
     def lists(self, api_key: str | None = None) -> list[tuple[str, str]]:
         """(id, name) of every list, in creation order."""
-        with self._lock:
+        with self._cond:
             return [(k.id, k.name) for k in self._account(api_key).lists.values()]
 
     def list_id(self, name: str, api_key: str | None = None) -> str:
@@ -292,7 +283,7 @@ class KlaviyoEmulator(Emulator):
     def members(self, name: str, api_key: str | None = None) -> list[dict[str, Any]]:
         """The profiles (their attributes) in the one list called ``name``, in joining order."""
         list_id = self.list_id(name, api_key)
-        with self._lock:
+        with self._cond:
             account = self._account(api_key)
             return [
                 json.loads(json.dumps(account.profiles[pid].attributes))
@@ -301,32 +292,22 @@ class KlaviyoEmulator(Emulator):
 
     def member_ids(self, name: str, api_key: str | None = None) -> list[str]:
         list_id = self.list_id(name, api_key)
-        with self._lock:
+        with self._cond:
             return list(self._account(api_key).lists[list_id].members)
 
     def profiles(self, api_key: str | None = None) -> dict[str, dict[str, Any]]:
         """Every profile of the account by id."""
-        with self._lock:
+        with self._cond:
             account = self._account(api_key)
             return {p.id: json.loads(json.dumps(p.attributes)) for p in account.profiles.values()}
 
     def jobs(self, api_key: str | None = None) -> list[Job]:
         """Import jobs in creation order (live objects: read, do not change)."""
-        with self._lock:
+        with self._cond:
             return list(self._account(api_key).jobs.values())
 
     def import_errors(self, api_key: str | None = None) -> list[dict[str, Any]]:
         return [error for job in self.jobs(api_key) for error in job.errors]
-
-    def calls(self, method: str | None = None, path: str | None = None) -> list[Call]:
-        """Requests answered, oldest first; ``path`` matches with or without trailing slash."""
-        with self._lock:
-            return [
-                c
-                for c in self._calls
-                if (method is None or c.method == method)
-                and (path is None or c.path.rstrip("/") == path.rstrip("/"))
-            ]
 
     def _account(self, api_key: str | None) -> Account:
         return self._accounts[api_key or self.default_key]
@@ -334,26 +315,13 @@ class KlaviyoEmulator(Emulator):
     # -- serving -----------------------------------------------------------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
-        api_key: str | None = None
         try:
-            api_key = self._authenticate(incoming)
-            reply = self._serve(incoming, api_key)
+            incoming.principal = self._authenticate(incoming)
+            return self._serve(incoming, incoming.principal)
         except KlaviyoError as exc:
-            reply = self._error(exc)
+            return _error(exc)
         except HttpError as exc:  # from reading the body: 411/413/400
-            reply = self._error(KlaviyoError(exc.status, exc.message))
-        with self._lock:
-            self._calls.append(
-                Call(
-                    incoming.method,
-                    incoming.path,
-                    incoming.query,
-                    reply.status,
-                    api_key,
-                    dict(incoming.headers),
-                )
-            )
-        return reply
+            return _error(KlaviyoError(exc.status, exc.message))
 
     def _authenticate(self, incoming: Incoming) -> str:
         scheme, _, key = incoming.headers.get("authorization", "").partition(" ")
@@ -389,18 +357,14 @@ class KlaviyoEmulator(Emulator):
         ):
             raise KlaviyoError(406, f"Accept must allow {MEDIA_TYPE}.")
         handler, path_id = self._route(incoming.method, incoming.path)
-        with self._lock:
-            scripted = next(
-                (s for s in self._scripted if s.matches(incoming.method, incoming.path, api_key)),
-                None,
-            )
-            if scripted is not None:
-                self._scripted.remove(scripted)
-        if scripted is not None:
-            return self._scripted_reply(scripted)
+        incoming.route = handler.__name__.lstrip("_")
+        turn = self._take(incoming)
+        turn.wait()
+        if turn.reply is not None:
+            return turn.reply
         query = self._query(incoming.query)
         body = self._body(incoming)
-        with self._lock:
+        with self._cond:
             account = self._account(api_key)
             return handler(_Request(account, path_id, query, body, incoming.body or b""))
 
@@ -468,41 +432,11 @@ class KlaviyoEmulator(Emulator):
         except (UnicodeDecodeError, ValueError) as exc:
             raise KlaviyoError(400, f"JSON parse error - {exc}") from None
 
-    def _error(self, exc: KlaviyoError) -> Reply:
-        code, title = _TITLES.get(exc.status, ("error", "Error."))
-        source: dict[str, str] = {}
-        if exc.pointer is not None:
-            source["pointer"] = exc.pointer
-        if exc.parameter is not None:
-            source["parameter"] = exc.parameter
-        error = {
-            "id": str(uuid.uuid4()),
-            "status": exc.status,
-            "code": exc.code or code,
-            "title": title,
-            "detail": exc.detail,
-            "source": source,
-        }
-        return self._document(exc.status, {"errors": [error]})
-
-    def _scripted_reply(self, scripted: _Scripted) -> Reply:
-        detail = scripted.detail
-        if detail is None:
-            _, title = _TITLES.get(scripted.status, ("error", "Error."))
-            detail = title
-            if scripted.status == 429 and scripted.retry_after:
-                detail = (
-                    "Request was throttled. "
-                    f"Expected available in {scripted.retry_after} second(s)."
-                )
-        reply = self._error(KlaviyoError(scripted.status, detail))
-        if scripted.retry_after is None:
-            return reply
-        headers = {"Retry-After": scripted.retry_after}
-        return Reply(reply.status, reply.body, reply.content_type, headers)
-
-    def _document(self, status: int, document: Any) -> Reply:
-        return Reply(status, json.dumps(document).encode(), MEDIA_TYPE)
+    def _failure(self, status: int, retry_after: str | None) -> Reply:
+        _, detail = _TITLES.get(status, ("error", "Error."))
+        if status == 429 and retry_after:
+            detail = f"Request was throttled. Expected available in {retry_after} second(s)."
+        return _error(KlaviyoError(status, detail))
 
     # -- pagination --------------------------------------------------------------------------
 
@@ -595,7 +529,7 @@ class KlaviyoEmulator(Emulator):
             maximum=10,
             allowed=("filter", "sort", "fields[list]"),
         )
-        return self._document(200, page)
+        return _document(200, page)
 
     def _post_list(self, request: _Request) -> Reply:
         account, query, body = request.account, request.query, request.body
@@ -613,7 +547,7 @@ class KlaviyoEmulator(Emulator):
             )
         created = self._new_list(account, name, opt_in)
         resource = self._list_resource(created)
-        return self._document(201, {"data": resource, "links": resource["links"]})
+        return _document(201, {"data": resource, "links": resource["links"]})
 
     def _member_list(self, account: Account, list_id: str | None) -> KList:
         klist = account.lists.get(list_id or "")
@@ -626,7 +560,7 @@ class KlaviyoEmulator(Emulator):
         klist = self._member_list(account, list_id)
         items = [{"type": "profile", "id": pid} for pid in klist.members]
         path = f"/api/lists/{klist.id}/relationships/profiles/"
-        return self._document(200, self._page(path, query, items, default=20, maximum=100))
+        return _document(200, self._page(path, query, items, default=20, maximum=100))
 
     def _relationship_ids(self, body: Any) -> list[str]:
         if (
@@ -709,7 +643,7 @@ class KlaviyoEmulator(Emulator):
         raw_size = len(request.raw)
         job = Job(f"J{self._counter:07d}", checked, list_ids, raw_size, _now())
         account.jobs[job.id] = job
-        return self._document(202, self._job_document(job))
+        return _document(202, self._job_document(job))
 
     def _job_document(self, job: Job) -> dict[str, Any]:
         self_link = f"{self.base_url}/api/profile-bulk-import-jobs/{job.id}/"
@@ -768,7 +702,7 @@ class KlaviyoEmulator(Emulator):
                 job.started_at = _now()
         if job.status == "processing" and job.polls >= self.polls_to_complete:
             self._process(account, job)
-        return self._document(200, self._job_document(job))
+        return _document(200, self._job_document(job))
 
     def _process(self, account: Account, job: Job) -> None:
         for index, attributes in enumerate(job.profiles):
@@ -799,7 +733,7 @@ class KlaviyoEmulator(Emulator):
         job = self._job(account, job_id)
         items = [{"type": "profile", "id": pid} for pid in job.profile_ids]
         path = f"/api/profile-bulk-import-jobs/{job.id}/relationships/profiles/"
-        return self._document(200, self._page(path, query, items, default=20, maximum=100))
+        return _document(200, self._page(path, query, items, default=20, maximum=100))
 
     def _get_job_errors(self, request: _Request) -> Reply:
         account, job_id, query = request.account, request.path_id, request.query
@@ -808,7 +742,7 @@ class KlaviyoEmulator(Emulator):
             {"type": "import-error", "id": error["id"], "attributes": error} for error in job.errors
         ]
         path = f"/api/profile-bulk-import-jobs/{job.id}/import-errors/"
-        return self._document(200, self._page(path, query, items, default=20, maximum=100))
+        return _document(200, self._page(path, query, items, default=20, maximum=100))
 
     def _no_query(self, query: dict[str, str]) -> None:
         for name in query:

@@ -1,7 +1,7 @@
 """A threaded HTTP/1.1 server on 127.0.0.1 that stops cleanly, for the destination emulators.
 
-An emulator gives it one function, ``Incoming -> Reply``, called on a thread per
-connection. ``close()`` cuts kept-alive connections and joins every thread it started.
+An emulator (see ``base.py``) gives it one function, ``Incoming -> Reply``, called on a thread
+per connection. ``close()`` cuts kept-alive connections and joins every thread it started.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
 
 
@@ -49,6 +48,10 @@ class Incoming:
             key = name.lower()
             self.headers[key] = f"{self.headers[key]}, {value}" if key in self.headers else value
         self.body: bytes | None = None  # set once read_body() succeeded
+        # What the emulator made of it, for its call log:
+        self.route = "unknown"  # its name for the endpoint
+        self.principal: str | None = None  # the credential it accepted
+        self.scripted = False  # answered by a scripted failure
 
     def header_values(self, name: str) -> list[str]:
         """Every value of a header, one per occurrence."""
@@ -79,7 +82,8 @@ class Incoming:
 
 
 class LoopbackServer:
-    """``handle`` served on an ephemeral 127.0.0.1 port from a background thread."""
+    """``handle`` served on an ephemeral 127.0.0.1 port from a background thread, between
+    ``start()`` and ``close()`` (an :class:`~tests.emulators.base.Emulator` calls them)."""
 
     def __init__(self, handle: Callable[[Incoming], Reply], name: str = "emulator") -> None:
         self._handle = handle
@@ -110,17 +114,6 @@ class LoopbackServer:
         server.cut_connections()
         server.server_close()  # joins the handler threads: daemon_threads is off
         thread.join()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def port(self) -> int:
@@ -221,34 +214,3 @@ def _read_chunked(rfile: io.BufferedIOBase, limit: int) -> bytes:
         if len(part) != size or rfile.readline(1024) not in (b"\r\n", b"\n"):
             raise HttpError(400, "truncated chunked body")
         parts.append(part)
-
-
-class Emulator:
-    """The lifecycle every platform emulator shares: a :class:`LoopbackServer` in
-    ``self._server``, started by ``start()`` or ``with``, stopped (threads joined) by
-    ``close()``."""
-
-    _server: LoopbackServer
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def base_url(self) -> str:
-        """Where the adapter under test points its ``base_url``."""
-        return self._server.base_url

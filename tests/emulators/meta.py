@@ -14,9 +14,10 @@ or the ``access_token`` parameter; missing or unknown: code 190); the node (an a
 account: 200); the parameters (100): payload schema names, ``is_raw``, row lengths, lowercase
 SHA-256 hex in hashed columns (EXTERN_ID and MADID are stored raw), at most 10,000 rows, the
 session rules (``batch_seq`` 1, 2, ... per ``session_id``; nothing after ``last_batch_flag``;
-``usersreplace`` needs a session). Scripted failures apply only then, before any state
-changes. Bodies may be JSON or form-encoded (``payload`` and ``session`` as JSON text), as
-Graph accepts both.
+``usersreplace`` needs a session). Scripted failures (``fail()``, with a body from
+``graph_error_body()``) and delays apply only then, before any state changes. Bodies may be JSON or
+form-encoded (``payload`` and ``session`` as JSON text), as Graph accepts both. Each request's
+route is its kind: list, create, read, users, usersreplace, account or unknown.
 
 Membership is kept as Meta holds it: a set of rows, each the frozenset of its non-empty
 ``(key, value)`` pairs, hashes as received. ``/users`` adds a batch when it arrives;
@@ -24,7 +25,7 @@ Membership is kept as Meta holds it: a set of rows, each the frozenset of its no
 
     with MetaEmulator() as meta:
         meta.add_account("1234", token="tok")
-        meta.rate_limit(times=2)
+        meta.fail(400, graph_error_body(17, "(#17) User request limit reached"), times=2)
         ...  # deliver with base_url=meta.base_url, ad_account_id="act_1234"
         assert meta.members("1234", "blotout_churn") == {member(EMAIL=sha256_hex)}
 
@@ -39,14 +40,13 @@ import binascii
 import json
 import re
 import secrets
-import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from tests.emulators.loopback import Emulator, Incoming, LoopbackServer, Reply
+from tests.emulators.base import Call, Emulator
+from tests.emulators.loopback import Incoming, Reply
 
 Member = frozenset[tuple[str, str]]
 
@@ -68,15 +68,54 @@ AUDIENCE_FIELDS = frozenset(
         "approximate_count_lower_bound", "approximate_count_upper_bound",
     }
 )  # fmt: skip
+_JSON = "application/json; charset=UTF-8"
 _HEX = re.compile(r"[0-9a-f]{64}")
 _ACCOUNT_NODE = re.compile(r"act_([0-9]+)")
 _DIGITS = re.compile(r"[0-9]+")
-UPLOAD_EDGES = frozenset({"users", "usersreplace"})
+UPLOAD_EDGES = frozenset({"users", "usersreplace"})  # the routes of uploads, for fail(on=...)
 
 
 def member(**keys: str) -> Member:
     """A stored row: its non-empty keys, e.g. ``member(EMAIL=h, PHONE=h, EXTERN_ID="c-1")``."""
     return frozenset((key, value) for key, value in keys.items() if value)
+
+
+def graph_error_body(
+    code: int,
+    message: str,
+    *,
+    subcode: int | None = None,
+    type: str = "OAuthException",
+    transient: bool | None = None,
+) -> dict[str, Any]:
+    """A Graph error body, ``{"error": {"message", "type", "code", ...}}``, for ``fail()``."""
+    error: dict[str, Any] = {"message": message, "type": type, "code": code}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    if transient is not None:
+        error["is_transient"] = transient
+    error["fbtrace_id"] = secrets.token_urlsafe(8)
+    return {"error": error}
+
+
+def usage_header(regain_minutes: int = 0) -> dict[str, str]:
+    """The ``X-Business-Use-Case-Usage`` header Meta sends with a rate limit, for ``fail()``."""
+    usage = {
+        "type": "ads_management",
+        "call_count": 100,
+        "total_cputime": 25,
+        "total_time": 40,
+        "estimated_time_to_regain_access": regain_minutes,
+    }
+    return {"X-Business-Use-Case-Usage": json.dumps({"100000000000001": [usage]})}
+
+
+def graph_code(call: Call) -> int | None:
+    """The Graph error code ``call`` was answered with; None for any other answer."""
+    answer = call.answer_json()
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) else None
 
 
 class GraphError(Exception):
@@ -90,7 +129,6 @@ class GraphError(Exception):
         status: int = 400,
         subcode: int | None = None,
         type: str = "OAuthException",
-        transient: bool | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -99,18 +137,11 @@ class GraphError(Exception):
         self.status = status
         self.subcode = subcode
         self.type = type
-        self.transient = transient
         self.headers = dict(headers or {})
 
     def reply(self) -> Reply:
-        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code}
-        if self.subcode is not None:
-            error["error_subcode"] = self.subcode
-        if self.transient is not None:
-            error["is_transient"] = self.transient
-        error["fbtrace_id"] = secrets.token_urlsafe(8)
-        body = json.dumps({"error": error}).encode()
-        return Reply(self.status, body, "application/json; charset=UTF-8", self.headers)
+        body = graph_error_body(self.code, self.message, subcode=self.subcode, type=self.type)
+        return Reply(self.status, json.dumps(body).encode(), _JSON, self.headers)
 
 
 def _missing_object(method: str, node: str) -> GraphError:
@@ -155,19 +186,6 @@ class Audience:
 
 
 @dataclass(frozen=True)
-class Call:
-    """One request and how it was answered (every request, refused ones too)."""
-
-    method: str
-    path: str
-    query: str
-    kind: str  # list | create | read | users | usersreplace | account | unknown
-    status: int
-    code: int | None  # the Graph error code, None on success
-    token: str | None
-
-
-@dataclass(frozen=True)
 class Upload:
     """One accepted ``users``/``usersreplace`` request."""
 
@@ -183,22 +201,8 @@ class Upload:
     estimated_num_total: int | None
 
 
-@dataclass
-class _Scripted:
-    on: str  # a Call kind, "upload" (users or usersreplace) or "any"
-    error: GraphError | None
-    reply: Reply | None = None
-    after: int = 0  # matching requests to let through first
-
-    def matches(self, kind: str) -> bool:
-        return self.on in ("any", kind) or (self.on == "upload" and kind in UPLOAD_EDGES)
-
-
 class MetaEmulator(Emulator):
-    """Graph's custom-audience endpoints on 127.0.0.1, strict, scriptable, and inspectable.
-
-    Start it with ``start()`` or ``with``; ``close()`` stops it and joins every thread.
-    """
+    """Graph's custom-audience endpoints on 127.0.0.1, strict, scriptable, and inspectable."""
 
     def __init__(
         self,
@@ -210,26 +214,13 @@ class MetaEmulator(Emulator):
         self.versions = frozenset(versions)
         self.max_page_size = max_page_size
         self.max_body_bytes = max_body_bytes
-        self._cond = threading.Condition(threading.RLock())
+        super().__init__(name="meta-emulator")
         self._tokens: dict[str, set[str]] = {}  # token -> account digits it may manage
         self._accounts: dict[str, list[str]] = {}  # account digits -> audience ids, in order
         self._audiences: dict[str, Audience] = {}
         self._next_id = 23850000000000001
-        self._scripted: deque[_Scripted] = deque()
-        self._delays: deque[float] = deque()
         self._invalid_values: set[str] = set()
-        self._calls: list[Call] = []
         self._uploads: list[Upload] = []
-        self._closing = False
-        self._server = LoopbackServer(self._handle, name="meta-emulator")
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        super().close()
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -261,85 +252,6 @@ class MetaEmulator(Emulator):
         with self._cond:
             self._invalid_values.update(values)
 
-    # -- scripting ---------------------------------------------------------------------------
-
-    def fail(
-        self,
-        code: int,
-        message: str | None = None,
-        *,
-        times: int = 1,
-        on: str = "upload",
-        after: int = 0,
-        status: int = 400,
-        subcode: int | None = None,
-        transient: bool | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Answer ``times`` valid requests of kind ``on`` with a Graph error, once ``after``
-        of them have passed (``on``: list, create, read, users, usersreplace, upload, any)."""
-        error = GraphError(
-            code,
-            message or f"(#{code}) scripted error",
-            status=status,
-            subcode=subcode,
-            transient=transient,
-            headers=headers,
-        )
-        self._script([_Scripted(on, error) for _ in range(times)], after)
-
-    def rate_limit(
-        self, times: int = 1, *, on: str = "upload", after: int = 0, regain_minutes: int = 0
-    ) -> None:
-        """Code 17/2446079 "User request limit reached", with the usage header Meta sends."""
-        usage = {
-            "type": "ads_management",
-            "call_count": 100,
-            "total_cputime": 25,
-            "total_time": 40,
-            "estimated_time_to_regain_access": regain_minutes,
-        }
-        headers = {"X-Business-Use-Case-Usage": json.dumps({"100000000000001": [usage]})}
-        message = "(#17) User request limit reached"
-        self.fail(17, message, times=times, on=on, after=after, subcode=2446079, headers=headers)
-
-    def transient(
-        self, times: int = 1, *, on: str = "upload", after: int = 0, status: int = 400
-    ) -> None:
-        """Code 2, Graph's "unexpected error, retry later"."""
-        message = "An unexpected error has occurred. Please retry your request later."
-        self.fail(2, message, times=times, on=on, after=after, status=status, transient=True)
-
-    def permission_error(self, times: int = 1, *, on: str = "upload", after: int = 0) -> None:
-        """Code 200: the token may not change this audience."""
-        message = "(#200) The current user can not update audience"
-        self.fail(200, message, times=times, on=on, after=after, transient=False)
-
-    def http_error(
-        self,
-        status: int,
-        body: bytes = b"<html><body>Service Unavailable</body></html>",
-        *,
-        times: int = 1,
-        on: str = "upload",
-        after: int = 0,
-        content_type: str = "text/html",
-    ) -> None:
-        """An answer that is not a Graph error (a proxy's 502, say)."""
-        reply = Reply(status, body, content_type)
-        self._script([_Scripted(on, None, reply) for _ in range(times)], after)
-
-    def _script(self, answers: list[_Scripted], after: int) -> None:
-        if answers:
-            answers[0].after = after
-        with self._cond:
-            self._scripted.extend(answers)
-
-    def delay(self, seconds: float, times: int = 1) -> None:
-        """Make the next ``times`` valid requests wait ``seconds`` (``close()`` cuts it)."""
-        with self._cond:
-            self._delays.extend([seconds] * times)
-
     # -- what it holds -----------------------------------------------------------------------
 
     def audiences(self, account_id: str | int) -> list[Audience]:
@@ -358,11 +270,6 @@ class MetaEmulator(Emulator):
     def members(self, account_id: str | int, name: str) -> set[Member]:
         return self.audience(account_id, name).members
 
-    @property
-    def calls(self) -> list[Call]:
-        with self._cond:
-            return list(self._calls)
-
     def uploads(self, audience_id: str | None = None) -> list[Upload]:
         """Accepted uploads, in arrival order."""
         with self._cond:
@@ -371,48 +278,22 @@ class MetaEmulator(Emulator):
     # -- serving -----------------------------------------------------------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
-        kind = _kind(incoming.method, incoming.path)
-        seen: dict[str, str] = {}  # the token, once it is known to be valid
+        incoming.route = _kind(incoming.method, incoming.path)
         try:
-            run = self._route(incoming, seen)
-            with self._cond:
-                scripted = next((s for s in self._scripted if s.matches(kind)), None)
-                if scripted is not None and scripted.after > 0:
-                    scripted.after -= 1
-                    scripted = None
-                elif scripted is not None:
-                    self._scripted.remove(scripted)
-                seconds = self._delays.popleft() if self._delays else 0.0
-            if seconds:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closing, seconds)
-            if scripted is not None and scripted.error is not None:
-                raise scripted.error
-            if scripted is not None and scripted.reply is not None:
-                reply = scripted.reply
-            else:
-                with self._cond:
-                    reply = _json(200, run())
+            run = self._route(incoming)
         except GraphError as exc:
-            reply = exc.reply()
-            code: int | None = exc.code
-        else:
-            code = None
+            return exc.reply()
+        turn = self._take(incoming)
+        turn.wait()
+        if turn.reply is not None:
+            return turn.reply
         with self._cond:
-            self._calls.append(
-                Call(
-                    incoming.method,
-                    incoming.path,
-                    incoming.query,
-                    kind,
-                    reply.status,
-                    code,
-                    seen.get("token"),
-                )
-            )
-        return reply
+            try:
+                return _json(200, run())
+            except GraphError as exc:  # run() checks the session again: a batch came meanwhile
+                return exc.reply()
 
-    def _route(self, incoming: Incoming, seen: dict[str, str]) -> Callable[[], Any]:
+    def _route(self, incoming: Incoming) -> Callable[[], Any]:
         """Check the request up to the point where only scripted answers and the state are
         left; returns the action that applies it."""
         method = incoming.method
@@ -430,7 +311,7 @@ class MetaEmulator(Emulator):
                 f"(#2635) You are calling a deprecated version of the Ads API. "
                 f"Please update to the latest version: {latest}.",
             )
-        token = seen["token"] = self._token(incoming, params)
+        token = incoming.principal = self._token(incoming, params)
         if not node or len(edges) > 1:
             raise GraphError(2500, f"Unknown path components: /{'/'.join(parts[1:])}")
         edge = edges[0] if edges else None
@@ -701,7 +582,7 @@ class MetaEmulator(Emulator):
 
 
 def _kind(method: str, path: str) -> str:
-    """What a request is, from its method and path alone (a Call's ``kind``)."""
+    """What a request is, from its method and path alone (its route in the call log)."""
     parts = path.strip("/").split("/")[1:]
     node, edge = [*parts, "", ""][:2] if len(parts) <= 2 else ("", "?")
     if _ACCOUNT_NODE.fullmatch(node):
@@ -858,4 +739,4 @@ def _bad_token() -> GraphError:
 
 
 def _json(status: int, body: Any) -> Reply:
-    return Reply(status, json.dumps(body).encode(), "application/json; charset=UTF-8")
+    return Reply(status, json.dumps(body).encode(), _JSON)

@@ -2,7 +2,7 @@
 "segment" API, as strict as TikTok, keeping each advertiser's audiences and their members.
 
     with TikTokEmulator({"tok-1": ["7000000000000000001"]}) as tiktok:
-        tiktok.respond_with_code(40100, times=2)        # throttled twice
+        tiktok.fail(200, envelope_error(40100), times=2)    # throttled twice
         ...  # a tiktok destination with base_url=tiktok.base_url, access_token="tok-1"
         assert tiktok.members("7000000000000000001", "blotout_x") == {"EMAIL_SHA256": {...}}
 
@@ -12,8 +12,10 @@ or delete). Like TikTok, every answer is HTTP 200 with ``{"code", "message", "re
 "data"}``: 40104/40105 for a missing or wrong ``Access-Token``, 40001 for an advertiser the
 token may not operate, 40002 ("Parameter error: …") for anything malformed. Only an unknown
 path (404), a wrong method (405) or a scripted raw status answer otherwise. A request is
-checked whole before anything changes; scripted answers replace the reply of a request that
-passed every check, so it changes nothing.
+checked whole before anything changes; scripted answers (``fail()``: an envelope from
+``envelope_error()`` at status 200, or a raw status) replace the reply of a request that
+passed every check, so it changes nothing. Each request's route is its endpoint (``LIST``,
+``AUDIENCE``, ``MAPPING``).
 
 The batch limit (``max_batch`` rows of batch_data, default 1,000) and the 128-character name
 limit are this emulator's assumptions: TikTok documents no row limit for segment/mapping,
@@ -25,15 +27,15 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
+import secrets
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.loopback import Emulator, HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.base import Call, Emulator
+from tests.emulators.loopback import HttpError, Incoming, Reply
 
 PREFIX = "/open_api/v1.3/"
 LIST = "dmp/custom_audience/list/"
@@ -74,6 +76,21 @@ def _param(message: str) -> ApiError:
     return ApiError(40002, f"Parameter error: {message}")
 
 
+def envelope_error(code: int, message: str | None = None) -> dict[str, Any]:
+    """TikTok's answer with a non-zero ``code``, for ``fail(200, ...)``: 40100 throttled,
+    5xxxx server error, 4xxxx refusal."""
+    request_id = f"20261128120000{secrets.randbelow(10**12):012d}"
+    text = message or MESSAGES.get(code, f"Error {code}.")
+    return {"code": code, "message": text, "request_id": request_id, "data": {}}
+
+
+def envelope_code(call: Call) -> int | None:
+    """The envelope code ``call`` was answered with; None for a raw HTTP answer."""
+    answer = call.answer_json()
+    code = answer.get("code") if isinstance(answer, dict) else None
+    return code if isinstance(code, int) else None
+
+
 @dataclass
 class Audience:
     """One audience of an advertiser, its members kept as TikTok gets them: digests."""
@@ -86,28 +103,6 @@ class Audience:
     def copy(self) -> Audience:
         members = {kind: set(values) for kind, values in self.members.items()}
         return Audience(self.audience_id, self.name, self.created_at, members)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request and how it was answered (``code`` None for a raw HTTP answer)."""
-
-    method: str
-    endpoint: str  # the path after /open_api/v1.3/
-    query: Mapping[str, str]
-    body: Any
-    http_status: int
-    code: int | None
-    message: str
-
-
-@dataclass(frozen=True)
-class _Scripted:
-    endpoint: str | None
-    code: int | None = None  # an envelope answer…
-    message: str = ""
-    status: int = 200  # …or a raw HTTP one
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class TikTokEmulator(Emulator):
@@ -123,50 +118,23 @@ class TikTokEmulator(Emulator):
         self.tokens = {token: frozenset(ids) for token, ids in accounts.items()}
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes
-        self._lock = threading.RLock()
+        super().__init__(name="tiktok-emulator")
         self._audiences: dict[str, list[Audience]] = {
             advertiser: [] for ids in self.tokens.values() for advertiser in ids
         }
         self._ids = itertools.count(7_400_000_000_000_000_001)
         self._request_ids = itertools.count(1)
-        self._scripted: deque[_Scripted] = deque()
-        self._calls: list[Call] = []
-        self._server = LoopbackServer(self._handle, name="tiktok-emulator")
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    # -- scripting ---------------------------------------------------------------------------
-
-    def respond_with_code(
-        self, code: int, times: int = 1, message: str | None = None, endpoint: str | None = None
-    ) -> None:
-        """Answer the next ``times`` valid requests (to ``endpoint``, e.g. ``MAPPING``, or
-        any) with the envelope ``code``: 40100 throttled, 5xxxx server error, 4xxxx refusal."""
-        text = message or MESSAGES.get(code, f"Error {code}.")
-        with self._lock:
-            self._scripted.extend([_Scripted(endpoint, code, text)] * times)
-
-    def respond_with_status(
-        self,
-        status: int,
-        times: int = 1,
-        retry_after: str | None = None,
-        endpoint: str | None = None,
-    ) -> None:
-        """Answer the next ``times`` valid requests with a raw HTTP ``status`` (a gateway's
-        429 or 500, not TikTok's envelope)."""
-        headers = {} if retry_after is None else {"Retry-After": retry_after}
-        with self._lock:
-            self._scripted.extend([_Scripted(endpoint, status=status, headers=headers)] * times)
+    # -- set-up ------------------------------------------------------------------------------
 
     def add_audience(self, advertiser_id: str, name: str) -> str:
         """Create an audience as Ads Manager would; returns its id."""
-        with self._lock:
+        with self._cond:
             return self._create(advertiser_id, name).audience_id
 
     def delete_audience(self, advertiser_id: str, audience_id: str) -> None:
         """Delete an audience as Ads Manager would."""
-        with self._lock:
+        with self._cond:
             self._audiences[advertiser_id] = [
                 a for a in self._audiences[advertiser_id] if a.audience_id != audience_id
             ]
@@ -175,7 +143,7 @@ class TikTokEmulator(Emulator):
 
     def audiences(self, advertiser_id: str) -> list[Audience]:
         """The advertiser's audiences, oldest first (copies)."""
-        with self._lock:
+        with self._cond:
             return [audience.copy() for audience in self._audiences[advertiser_id]]
 
     def audience(self, advertiser_id: str, name: str) -> Audience:
@@ -189,22 +157,17 @@ class TikTokEmulator(Emulator):
         """The member digests, by id type, of the one audience named ``name``."""
         return {k: v for k, v in self.audience(advertiser_id, name).members.items() if v}
 
-    @property
-    def calls(self) -> list[Call]:
-        """Every request that reached a known endpoint, in arrival order."""
-        with self._lock:
-            return list(self._calls)
-
-    def calls_to(self, endpoint: str, code: int | None = 0) -> list[Call]:
-        """Requests to ``endpoint`` answered with ``code`` (0: the successful ones)."""
-        return [c for c in self.calls if c.endpoint == endpoint and c.code == code]
+    def answered(self, endpoint: str, code: int | None = 0) -> list[Call]:
+        """Requests to ``endpoint`` answered with envelope ``code`` (0: the successful ones;
+        None: raw HTTP answers)."""
+        return [c for c in self.calls_to(endpoint) if envelope_code(c) == code]
 
     # -- serving -----------------------------------------------------------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
         if not incoming.path.startswith(PREFIX) or incoming.path[len(PREFIX) :] not in _METHODS:
             raise HttpError(404, f"no API at {incoming.path}")
-        endpoint = incoming.path[len(PREFIX) :]
+        endpoint = incoming.route = incoming.path[len(PREFIX) :]
         if incoming.method != _METHODS[endpoint]:
             raise HttpError(405, f"{incoming.method} not allowed on {incoming.path}")
         framed = "content-length" in incoming.headers or "transfer-encoding" in incoming.headers
@@ -213,60 +176,39 @@ class TikTokEmulator(Emulator):
         else:
             raw = incoming.read_body(self.max_body_bytes)
         query = {key: values[-1] for key, values in parse_qs(incoming.query).items()}
-        body: Any = None
-        with self._lock:
+        with self._cond:
             try:
-                advertisers = self._authenticate(incoming.headers.get("access-token"))
+                advertisers = self._authenticate(incoming)
                 if endpoint == LIST:
                     apply = self._list(advertisers, query)
                 else:
                     body = self._json(incoming, raw)
                     check = self._audience if endpoint == AUDIENCE else self._mapping
                     apply = check(advertisers, body)
-                scripted = self._take_scripted(endpoint)
-                if scripted is not None and scripted.code is None:
-                    self._record(incoming, endpoint, query, body, scripted.status, None, "")
-                    text = f"scripted HTTP {scripted.status}".encode()
-                    return Reply(scripted.status, text, "text/plain", scripted.headers)
-                if scripted is not None:
-                    assert scripted.code is not None
-                    raise ApiError(scripted.code, scripted.message)
+                turn = self._take(incoming)
+                turn.wait()
+                if turn.reply is not None:
+                    return turn.reply
                 data = apply()
             except ApiError as exc:
-                self._record(incoming, endpoint, query, body, 200, exc.code, exc.message)
                 return self._envelope(exc.code, exc.message, None)
-            self._record(incoming, endpoint, query, body, 200, 0, "OK")
             return self._envelope(0, "OK", data)
+
+    def _failure(self, status: int, retry_after: str | None) -> Reply:
+        return Reply(status, f"scripted HTTP {status}".encode(), "text/plain")
 
     def _envelope(self, code: int, message: str, data: Any) -> Reply:
         request_id = f"20261128120000{next(self._request_ids):012d}"
         envelope = {"code": code, "message": message, "request_id": request_id, "data": data or {}}
         return Reply(200, json.dumps(envelope).encode())
 
-    def _record(
-        self,
-        incoming: Incoming,
-        endpoint: str,
-        query: Mapping[str, str],
-        body: Any,
-        status: int,
-        code: int | None,
-        message: str,
-    ) -> None:
-        self._calls.append(Call(incoming.method, endpoint, query, body, status, code, message))
-
-    def _take_scripted(self, endpoint: str) -> _Scripted | None:
-        for index, scripted in enumerate(self._scripted):
-            if scripted.endpoint in (None, endpoint):
-                del self._scripted[index]
-                return scripted
-        return None
-
-    def _authenticate(self, token: str | None) -> frozenset[str]:
+    def _authenticate(self, incoming: Incoming) -> frozenset[str]:
+        token = incoming.headers.get("access-token")
         if not token:
             raise ApiError(40104, "Access token is null, please check your access token.")
         if token not in self.tokens:
             raise ApiError(40105, "Access token is incorrect or has been revoked.")
+        incoming.principal = token
         return self.tokens[token]
 
     def _advertiser(self, advertisers: frozenset[str], value: Any, key: str) -> str:

@@ -1,12 +1,14 @@
 """A real signed-webhook receiver on 127.0.0.1, for the delivery tests.
 
 It checks what a careful receiver checks (signature, freshness, body shape), keeps every
-chunk it accepts in arrival order, and can be scripted per test to fail or to answer late.
-Signatures are checked by the package's own receiver logic: ``verify_signature`` and
-``sign`` live in ``audience_server.providers.webhook`` (re-exported here for the tests).
+chunk it accepts in arrival order, and can be scripted per test to fail or to answer late
+(the ``Emulator`` base: ``fail()``, ``delay()``, ``release()``, ``calls``). Signatures are
+checked by the package's own receiver logic: ``verify_signature`` and ``sign`` live in
+``audience_server.providers.webhook``, beside the sender (re-exported here for the tests that
+still import them from this module).
 
     with WebhookEmulator(secret=b"s3cret") as hook:
-        hook.respond_with(503, times=2, retry_after="1")
+        hook.fail(503, times=2, retry_after="1")
         ...  # configure a webhook destination with url=hook.url and run the delivery
         assert hook.wait_for_segment("1708531200") == users
         assert hook.max_in_flight("1708531200") == 1
@@ -15,14 +17,10 @@ Signatures are checked by the package's own receiver logic: ``verify_signature``
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from audience_server.providers.webhook import (
     SIGNATURE_HEADER,
@@ -31,7 +29,8 @@ from audience_server.providers.webhook import (
 )
 from audience_server.providers.webhook import sign as sign  # re-exported for the tests
 from audience_server.providers.webhook import verify_signature as verify_signature
-from tests.emulators.loopback import HttpError, Incoming, LoopbackServer, Reply
+from tests.emulators.base import Call, Emulator
+from tests.emulators.loopback import HttpError, Incoming, Reply
 
 DEFAULT_TOLERANCE = SIGNATURE_TOLERANCE
 _BODY_KEYS = frozenset({"segmentName", "name", "type", "sessionId", "chunk", "users"})
@@ -151,24 +150,13 @@ class Received:
         return users
 
 
-@dataclass(frozen=True)
-class Refused:
-    """One request the receiver's own checks turned away (401, 400, 404, ...)."""
-
-    status: int
-    error: str
-    headers: Mapping[str, str]
-    raw: bytes
-    path: str
-    arrived_at: float = field(default_factory=time.time)
-
-
-class WebhookEmulator:
+class WebhookEmulator(Emulator):
     """A signed-webhook receiver on 127.0.0.1 that records, checks, and misbehaves on request.
 
-    Start it with ``start()`` or ``with``; ``close()`` stops it and joins every thread.
     Checks run in this order: method and path, body framing, signature (401), body shape
-    (400); only then do scripted answers apply.
+    (400); only then do scripted answers and delays apply (its one route is "chunk"). A
+    delayed request is recorded on arrival, as a receiver that is slow to answer has still
+    processed it; a non-2xx scripted answer puts it in ``rejected``, not ``requests``.
     """
 
     def __init__(
@@ -181,99 +169,33 @@ class WebhookEmulator:
         allow_extra_keys: bool = False,
         max_body_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        super().__init__(name="webhook-emulator")
         self.secret = secret.encode() if isinstance(secret, str) else secret
         self.path = path
         self.tolerance = tolerance
         self.clock = clock
         self.allow_extra_keys = allow_extra_keys
         self.max_body_bytes = max_body_bytes
-        # One reentrant lock for all state, so wait_until predicates may call the accessors.
-        self._cond = threading.Condition(threading.RLock())
         self._requests: list[Received] = []
         self._rejected: list[Received] = []
-        self._invalid: list[Refused] = []
-        self._canned: deque[Reply] = deque()
-        self._delays: deque[float] = deque()
         self._in_flight: dict[str | None, int] = {}
         self._max_in_flight: dict[str | None, int] = {}
-        self._release_generation = 0
-        self._closing = False
-        self._server = LoopbackServer(self._handle, name="webhook-emulator")
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Bind an ephemeral loopback port and serve in a background thread."""
-        self._server.start()
-        return self
-
-    def close(self) -> None:
-        """Cut delays short, stop serving, and join every thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def url(self) -> str:
         """Where to POST chunks."""
-        return f"{self._server.base_url}{self.path}"
-
-    # -- scripting ---------------------------------------------------------------------------
+        return f"{self.base_url}{self.path}"
 
     def respond_with(
         self,
         status: int,
+        *,
         times: int = 1,
         retry_after: str | None = None,
         body: str | None = None,
     ) -> None:
-        """Answer the next ``times`` well-signed, well-formed requests with ``status``.
-
-        A non-2xx answer puts the request in ``rejected``, not ``requests``. ``body`` goes out
-        as JSON when it parses as JSON, else as text; by default it is a short JSON error.
-        """
-        if body is None:
-            try:
-                phrase = f" {HTTPStatus(status).phrase}"
-            except ValueError:
-                phrase = ""
-            body = json.dumps({"error": f"scripted {status}{phrase}"})
-        try:
-            json.loads(body)
-            content_type = "application/json"
-        except ValueError:
-            content_type = "text/plain; charset=utf-8"
-        headers = {} if retry_after is None else {"Retry-After": retry_after}
-        reply = Reply(status, body.encode(), content_type, headers)
-        with self._cond:
-            self._canned.extend([reply] * times)
-
-    def delay(self, seconds: float, times: int = 1) -> None:
-        """Make the next ``times`` requests wait ``seconds`` before answering.
-
-        A delayed request is recorded on arrival, as a receiver that is slow to answer has
-        still processed it; ``release()`` or ``close()`` ends the wait early.
-        """
-        with self._cond:
-            self._delays.extend([seconds] * times)
-
-    def release(self) -> None:
-        """End the delays of the requests waiting now (queued delays still apply)."""
-        with self._cond:
-            self._release_generation += 1
-            self._cond.notify_all()
+        """``fail()`` under its old name, for the test files that still call it."""
+        self.fail(status, body, times=times, retry_after=retry_after)
 
     # -- what was received -------------------------------------------------------------------
 
@@ -290,10 +212,9 @@ class WebhookEmulator:
             return list(self._rejected)
 
     @property
-    def invalid(self) -> list[Refused]:
-        """Requests refused by the receiver's own checks, in arrival order."""
-        with self._cond:
-            return list(self._invalid)
+    def invalid(self) -> list[Call]:
+        """Requests refused by the receiver's own checks (401, 400, 404, ...), in order."""
+        return [call for call in self.calls if not call.scripted and call.status >= 300]
 
     def attempts(self, session_id: str, segment_name: str | None = None) -> int:
         """How many delivery attempts got chunk 1 accepted here."""
@@ -378,27 +299,16 @@ class WebhookEmulator:
     # -- serving (one call per request, on the connection's thread) ---------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
-        try:
-            body = self._check(incoming)
-        except HttpError as exc:
-            refused = Refused(
-                exc.status, exc.message, incoming.headers, incoming.body or b"", incoming.path
-            )
-            with self._cond:
-                wait = self._next_wait()
-                self._invalid.append(refused)
-                self._cond.notify_all()
-            wait()
-            raise
+        body = self._check(incoming)
+        turn = self._take(incoming)
+        reply = turn.reply or Reply(200, b'{"received": true}')
+        raw = incoming.body or b""
+        received = Received(body, incoming.headers, raw, incoming.path, reply.status)
         with self._cond:
-            wait = self._next_wait()
-            reply = self._canned.popleft() if self._canned else Reply(200, b'{"received": true}')
-            raw = incoming.body or b""
-            received = Received(body, incoming.headers, raw, incoming.path, reply.status)
             (self._requests if 200 <= reply.status < 300 else self._rejected).append(received)
             self._enter(received.session_id)
         try:
-            wait()
+            turn.wait()
         finally:
             # Leave before answering: once the sender has this answer it may send the next
             # chunk, which must not count as overlapping this one.
@@ -411,6 +321,7 @@ class WebhookEmulator:
             raise HttpError(405, f"{incoming.method} not allowed; POST chunks here")
         if incoming.path != self.path:
             raise HttpError(404, f"no webhook at {incoming.path}; it is at {self.path}")
+        incoming.route = "chunk"
         raw = incoming.read_body(self.max_body_bytes)
         signatures = incoming.header_values(SIGNATURE_HEADER)
         if len(signatures) > 1:
@@ -424,20 +335,6 @@ class WebhookEmulator:
         if body is None:
             raise HttpError(400, problem or "bad body")
         return body
-
-    def _next_wait(self) -> Callable[[], None]:
-        """Take this request's delay (if any); the caller holds the lock."""
-        seconds = self._delays.popleft() if self._delays else 0.0
-        generation = self._release_generation
-
-        def wait() -> None:
-            if seconds > 0:
-                with self._cond:
-                    self._cond.wait_for(
-                        lambda: self._closing or self._release_generation != generation, seconds
-                    )
-
-        return wait
 
     def _enter(self, session: str) -> None:
         for key in (session, None):
