@@ -81,6 +81,10 @@ def _is_delivery(key: DeliveryKey) -> ColumnElement[bool]:
     )
 
 
+def _update(conn: Connection, key: DeliveryKey, **values: Any) -> None:
+    conn.execute(update(deliveries).where(_is_delivery(key)).values(**values))
+
+
 def _attempts_of(key: DeliveryKey) -> ColumnElement[bool]:
     return and_(
         delivery_attempts.c.tenant == key.tenant,
@@ -196,11 +200,7 @@ def interrupt_attempt(conn: Connection, key: DeliveryKey, now: dt.datetime) -> N
 
 def fail_delivery(conn: Connection, key: DeliveryKey, error: str, now: dt.datetime) -> None:
     """End the delivery as failed without an attempt (its session was aborted)."""
-    conn.execute(
-        update(deliveries)
-        .where(_is_delivery(key))
-        .values(state=DeliveryState.FAILED, last_error=error, updated_at=now)
-    )
+    _update(conn, key, state=DeliveryState.FAILED, last_error=error, updated_at=now)
 
 
 def start_attempt(
@@ -218,18 +218,16 @@ def start_attempt(
             **key._asdict(), number=number, worker=worker, started_at=now
         )
     )
-    conn.execute(
-        update(deliveries)
-        .where(_is_delivery(key))
-        .values(
-            state=DeliveryState.RUNNING,
-            attempts=number,
-            users_sent=0,
-            invalid_users=0,
-            lease_owner=worker,
-            lease_expires_at=lease_until,
-            updated_at=now,
-        )
+    _update(
+        conn,
+        key,
+        state=DeliveryState.RUNNING,
+        attempts=number,
+        users_sent=0,
+        invalid_users=0,
+        lease_owner=worker,
+        lease_expires_at=lease_until,
+        updated_at=now,
     )
 
 
@@ -323,13 +321,11 @@ def requeue_delivery(
     conn: Connection, key: DeliveryKey, *, budget_from: int, now: dt.datetime
 ) -> None:
     """Make a failed delivery pending and due now, its attempts counted from ``budget_from``."""
-    conn.execute(
-        update(deliveries)
-        .where(_is_delivery(key))
-        .values(
-            state=DeliveryState.PENDING,
-            budget_from=budget_from,
-            next_attempt_at=now,
-            updated_at=now,
-        )
+    _update(
+        conn,
+        key,
+        state=DeliveryState.PENDING,
+        budget_from=budget_from,
+        next_attempt_at=now,
+        updated_at=now,
     )
