@@ -52,7 +52,7 @@ def test_transient_failures_are_retried_to_one_whole_segment(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
     users = make_users(50)
-    hook.respond_with(503, times=2)
+    hook.fail(503, times=2)
     where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
     with serve(fast, engine, where) as client:
         assert upload(client, "flaky", users, 25, "?sync=true").status_code == 200
@@ -68,7 +68,7 @@ def test_transient_failures_are_retried_to_one_whole_segment(
 
 
 def test_retry_after_is_honoured(fast: Settings, engine: Engine, hook: WebhookEmulator) -> None:
-    hook.respond_with(429, retry_after="1")
+    hook.fail(429, retry_after="1")
     where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
     with serve(fast, engine, where) as client:
         assert upload(client, "slow", make_users(5), 5, "?sync=true").status_code == 200
@@ -82,7 +82,7 @@ def test_permanent_failure_fails_at_once_then_retry_delivers(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
     users = make_users(40)
-    hook.respond_with(400, body='{"error": "unknown list"}')
+    hook.fail(400, '{"error": "unknown list"}')
     where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
     with serve(fast, engine, where) as client:
         response = upload(client, "bad", users, 20, "?sync=true")
@@ -113,7 +113,7 @@ def test_permanent_failure_fails_at_once_then_retry_delivers(
 def test_retries_stop_after_max_attempts(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
-    hook.respond_with(500, times=10)
+    hook.fail(500, times=10)
     where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
     with serve(fast, engine, where) as client:
         response = upload(client, "down", make_users(3), 3, "?sync=true")

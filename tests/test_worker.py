@@ -113,7 +113,7 @@ def test_two_destinations_and_partial_failure(
     fast: Settings, engine: Engine, hook: WebhookEmulator, tmp_path: Path
 ) -> None:
     users = make_users(10)
-    hook.respond_with(403, times=5, body="forbidden")
+    hook.fail(403, "forbidden", times=5)
     where = destinations(
         ("files", "file", {"dir": str(tmp_path)}),
         ("crm", "webhook", {"url": hook.url, "secret": SECRET}),
