@@ -186,17 +186,6 @@ class WebhookEmulator(Emulator):
         """Where to POST chunks."""
         return f"{self.base_url}{self.path}"
 
-    def respond_with(
-        self,
-        status: int,
-        *,
-        times: int = 1,
-        retry_after: str | None = None,
-        body: str | None = None,
-    ) -> None:
-        """``fail()`` under its old name, for the test files that still call it."""
-        self.fail(status, body, times=times, retry_after=retry_after)
-
     # -- what was received -------------------------------------------------------------------
 
     @property
