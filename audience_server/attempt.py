@@ -15,7 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
@@ -73,24 +73,17 @@ class Outcome:
     retry_after: float | None = None
 
 
+@dataclass
 class Attempt:
     """One attempt at a claimed delivery, sending ``users`` to ``provider``."""
 
-    def __init__(
-        self,
-        terms: Terms,
-        claim: Claim,
-        provider: Provider,
-        kind: str,
-        users: Iterator[Mapping[str, Any]],
-    ) -> None:
-        self.terms = terms
-        self.claim = claim
-        self.provider = provider
-        self.kind = kind
-        self.users = users
-        self.sent = 0
-        self.invalid = 0
+    terms: Terms
+    claim: Claim
+    provider: Provider
+    kind: str
+    users: Iterator[Mapping[str, Any]]
+    sent: int = field(default=0, init=False)  # users sent so far
+    invalid: int = field(default=0, init=False)  # of those, how many the platform refused
 
     async def run(self) -> DeliveryState | None:
         """Send every chunk, then record the outcome. Returns the delivery's state after

@@ -268,18 +268,10 @@ def finish_delivery(
 ) -> bool:
     """Write an attempt's result and release the lease; False (nothing written) if the
     lease is no longer ``worker``'s: the worker that took over records the delivery."""
+    result = {"state": state, "users_sent": users_sent, "invalid_users": invalid_users}
+    released = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
     return _update_leased(
-        conn,
-        key,
-        worker,
-        state=state,
-        users_sent=users_sent,
-        invalid_users=invalid_users,
-        last_error=error,
-        next_attempt_at=next_attempt_at,
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=now,
+        conn, key, worker, **result, last_error=error, next_attempt_at=next_attempt_at, **released
     )
 
 

@@ -164,9 +164,11 @@ def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    value = int(raw) if raw.isascii() and raw.isdigit() else None
+    if value is None or not low <= value <= high:
         raise InvalidField(f"{name} must be an integer from {low} to {high}.")
-    return int(raw)
+    return value
 
 
 def _state_param(query: Mapping[str, str]) -> SessionState | None:

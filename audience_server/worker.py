@@ -87,25 +87,16 @@ class Worker:
         scratch_root: Path | None = None,
         chunk_timeout: dt.timedelta = dt.timedelta(minutes=10),
     ) -> None:
-        self.engine = engine
+        self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The engine, clock and lease live in ``terms`` alone: every attempt runs under them.
+        self.terms = Terms(
+            engine, self.id, clock, lease, poll_interval, chunk_timeout.total_seconds(), policy
+        )
         self.destinations = destinations
-        self.clock = clock
         self.segment_prefix = segment_prefix
-        self.lease = lease
-        self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.changes = changes or Doorbell()  # rung whenever an assembly or a delivery ends
         self.scratch = LazyScratch(scratch_root)
-        self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.terms = Terms(
-            engine=engine,
-            worker=self.id,
-            clock=clock,
-            lease=lease,
-            poll_interval=poll_interval,
-            chunk_timeout=chunk_timeout.total_seconds(),
-            policy=policy,
-        )
         self._new_work = Doorbell()
 
     def wake(self) -> None:
@@ -138,7 +129,7 @@ class Worker:
                 log.exception("worker step failed; going on", extra={"worker": self.id})
                 busy = False
             if not busy:
-                waiter = asyncio.ensure_future(self._new_work.wait(self.poll_interval))
+                waiter = asyncio.ensure_future(self._new_work.wait(self.terms.poll_interval))
                 stopper = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
@@ -168,13 +159,13 @@ class Worker:
     def _batches(self, tenant: str, key: str) -> Iterator[Batch]:
         """The session's batches in sequence order, each read in a short transaction of
         its own: one batch in memory at a time, however large the session."""
-        with db.read_transaction(self.engine) as conn:
+        with db.read_transaction(self.terms.engine) as conn:
             sequences = store.received_sequences(conn, tenant, key)
         for sequence in sequences:
             yield self._read_batch(tenant, key, sequence)
 
     def _read_batch(self, tenant: str, key: str, sequence: int) -> Batch:
-        with db.read_transaction(self.engine) as conn:
+        with db.read_transaction(self.terms.engine) as conn:
             row = store.find_batch(conn, tenant, key, sequence)
         assert row is not None  # batches are never deleted, only their users purged
         if row.users is None:
@@ -184,17 +175,17 @@ class Worker:
     # --- assembly ---------------------------------------------------------------------
 
     def _claim_assembly(self) -> SessionKey | None:
-        now = self.clock()
+        now = self.terms.clock()
         # A cheap look without locks first: an idle worker polling must not take SQLite's
         # write lock (or PostgreSQL row locks) each time it finds nothing.
-        with db.read_transaction(self.engine) as conn:
+        with db.read_transaction(self.terms.engine) as conn:
             if not store.assembly_due(conn, now):
                 return None
-        with db.write_transaction(self.engine) as conn:
+        with db.write_transaction(self.terms.engine) as conn:
             found = store.lock_assembly_due(conn, now)
             if found is not None:
                 store.update_session(
-                    conn, *found, lease_owner=self.id, lease_expires_at=now + self.lease
+                    conn, *found, lease_owner=self.id, lease_expires_at=now + self.terms.lease
                 )
         return found
 
@@ -204,7 +195,7 @@ class Worker:
         findings = find_duplicates(self._batches(tenant, key), self.scratch.path())
         try:
             for found in findings:
-                with db.write_transaction(self.engine) as conn:
+                with db.write_transaction(self.terms.engine) as conn:
                     store.record_assembly(
                         conn,
                         tenant,
@@ -219,8 +210,8 @@ class Worker:
             return
         finally:
             findings.close()
-        now = self.clock()
-        with db.write_transaction(self.engine) as conn:
+        now = self.terms.clock()
+        with db.write_transaction(self.terms.engine) as conn:
             session = store.lock_session(conn, tenant, key)
             if (
                 session is None
@@ -258,11 +249,11 @@ class Worker:
     # --- deliveries -------------------------------------------------------------------
 
     def _claim_delivery(self) -> Claim | None:
-        now = self.clock()
-        with db.read_transaction(self.engine) as conn:  # a cheap look first, as above
+        now = self.terms.clock()
+        with db.read_transaction(self.terms.engine) as conn:  # a cheap look first, as above
             if not delivery_store.delivery_due(conn, self.destinations, now):
                 return None
-        with db.write_transaction(self.engine) as conn:
+        with db.write_transaction(self.terms.engine) as conn:
             row = delivery_store.lock_delivery_due(conn, self.destinations, now)
             if row is None:
                 return None
@@ -275,7 +266,7 @@ class Worker:
                 return None
             attempt = row.attempts + 1
             delivery_store.start_attempt(
-                conn, row.key, attempt, worker=self.id, now=now, lease_until=now + self.lease
+                conn, row.key, attempt, worker=self.id, now=now, lease_until=now + self.terms.lease
             )
         return Claim(
             key=row.key,

@@ -46,9 +46,7 @@ def test_a_run_resumes_only_the_same_input_and_options(tmp_path: Path) -> None:
     def resume(
         found: Fingerprint = FOUND, session_id: str | None = None, batch_size: int = 10
     ) -> State | None:
-        return resumed(
-            path, found, name="Gold ", type="custom", batch_size=batch_size, session_id=session_id
-        )
+        return resumed(path, found, ("Gold ", "custom", batch_size), session_id)
 
     assert resume() is None
     state = saved(path)

@@ -105,6 +105,7 @@ def test_listing_filters_by_state_and_name(client: TestClient, clock: FakeClock)
         ("state=bogus", "state must be one of"),
         ("limit=0", "limit must be an integer from 1 to 500."),
         ("limit=abc", "limit must be an integer from 1 to 500."),
+        ("limit=%C2%B2", "limit must be an integer from 1 to 500."),  # "²": a digit to isdigit()
         ("cursor=!!", "cursor is not one this server issued."),
     ],
 )

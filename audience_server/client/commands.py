@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -129,15 +130,8 @@ def _upload(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.concurrency < 1:
             print("audience-server: --batch-size and --concurrency must be >= 1", file=sys.stderr)
             return EXIT_USAGE
-        plan = Plan(
-            name=args.name,
-            type=args.type,
-            batch_size=args.batch_size,
-            session_id=args.session_id,
-            concurrency=args.concurrency,
-            sync=args.sync,
-            disable_prefix=args.disable_prefix,
-        )
+        # The upload command's options are named as the plan's fields.
+        plan = Plan(**{option.name: getattr(args, option.name) for option in fields(Plan)})
         spooled: IO[bytes] | None = None
         path: Source
         try:

@@ -222,14 +222,8 @@ def upload_source(
         raise InputError(NO_USERS)
     state = None
     if state_path is not None:
-        state = resumed(
-            state_path,
-            found,
-            name=plan.name,
-            type=plan.type,
-            batch_size=plan.batch_size,
-            session_id=plan.session_id,
-        )
+        asked = (plan.name, plan.type, plan.batch_size)
+        state = resumed(state_path, found, asked, plan.session_id)
     if state is None:
         state = State(
             session_id=plan.session_id or new_session_id(),

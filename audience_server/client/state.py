@@ -60,10 +60,11 @@ def save_state(path: Path, state: State) -> None:
 
 
 def resumed(
-    path: Path, found: Fingerprint, *, name: str, type: str, batch_size: int, session_id: str | None
+    path: Path, found: Fingerprint, asked: tuple[str, str, int], session_id: str | None
 ) -> State | None:
     """The state at ``path`` when this run resumes it, None when there is none; refused when
-    it belongs to other input or options (or to another ``session_id`` than one asked for)."""
+    it belongs to other input or options (``asked``: name, type and batch size) or to another
+    ``session_id`` than one asked for."""
     previous = load_state(path)
     if previous is None:
         return None
@@ -72,6 +73,7 @@ def resumed(
             f"the input changed since session {previous.session_id} started "
             f"(state file {path}); remove the state file to upload it as a new session."
         )
+    name, type, batch_size = asked
     ours = (name.strip(), type, batch_size)
     theirs = (previous.name.strip(), previous.type, previous.batch_size)
     if ours != theirs:
