@@ -2,16 +2,13 @@
 
 Pure over the batches it is handed (the worker reads them and stores what is found):
 memory is bounded by one batch plus one chunk whatever the segment's size. Users already
-seen are remembered on disk (a throwaway SQLite file of 16-byte keys), and what assembly
-finds is kept per batch (indexes of repeated users), so every delivery of the session
-streams the same users without redoing it.
+seen are remembered on disk (``seen.SeenUsers``, in the worker's scratch folder), and what
+assembly finds is kept per batch (indexes of repeated users), so every delivery of the
+session streams the same users without redoing it.
 """
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
-import tempfile
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any, NamedTuple
 
 from .digests import canonical_digest, user_key
 from .providers.base import Chunk
+from .seen import SeenUsers
 
 
 class UsersPurged(Exception):
@@ -42,58 +40,6 @@ class Findings:
     repeated: list[int]  # indexes of users met before, in this batch or an earlier one
     canonical_digest: bytes  # of the batch's users: recognises a re-send after a purge
     unique: int  # users of the batch not met before
-
-
-class SeenUsers:
-    """The keys of every user met so far in one session, kept in a temporary SQLite file."""
-
-    def __init__(self, directory: Path | None = None, cache_kib: int = 16_384) -> None:
-        # A folder of its own: SQLite keeps a journal beside the file, and close() removes
-        # whatever is there.
-        self.folder = Path(tempfile.mkdtemp(prefix="seen-", dir=directory))
-        self.path = self.folder / "seen.db"
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.executescript(
-            f"""
-            PRAGMA journal_mode=TRUNCATE;  -- on disk: a rollback must work, and cost no memory
-            PRAGMA synchronous=OFF;
-            PRAGMA cache_size=-{cache_kib};
-            CREATE TABLE seen (k BLOB PRIMARY KEY) WITHOUT ROWID;
-            CREATE TEMP TABLE batch (i INTEGER PRIMARY KEY, k BLOB NOT NULL);
-            """
-        )
-
-    def repeated(self, keys: Sequence[bytes]) -> list[int]:
-        """Indexes of keys met before (earlier batches or earlier in ``keys``); remembers all."""
-        first: dict[bytes, int] = {}
-        repeats: list[int] = []
-        for index, key in enumerate(keys):
-            if key in first:
-                repeats.append(index)
-            else:
-                first[key] = index
-        # Usual case first: none of this batch's users was met before. Inserting the keys in
-        # order and counting what went in tells, at half the cost of looking each one up.
-        self.db.execute("BEGIN")
-        before = self.db.total_changes
-        self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((k,) for k in sorted(first)))
-        if self.db.total_changes - before == len(first):
-            self.db.execute("COMMIT")
-            return repeats
-        self.db.execute("ROLLBACK")
-        self.db.execute("BEGIN")
-        self.db.execute("DELETE FROM batch")
-        self.db.executemany("INSERT INTO batch VALUES (?, ?)", ((i, k) for k, i in first.items()))
-        repeats += [
-            row[0] for row in self.db.execute("SELECT i FROM batch WHERE k IN (SELECT k FROM seen)")
-        ]
-        self.db.execute("INSERT OR IGNORE INTO seen SELECT k FROM batch")
-        self.db.execute("COMMIT")
-        return sorted(repeats)
-
-    def close(self) -> None:
-        self.db.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def find_duplicates(

@@ -111,6 +111,6 @@ async def sweep_forever(settings: Settings, engine: Engine, clock: Clock) -> Non
                 sweep_once, engine, clock(), settings.retention
             )
             if expired or purged:
-                log.info("sweep", extra={"expired": expired, "purged": purged})
+                log.info("sweep", extra={"sessionsExpired": expired, "sessionsPurged": purged})
         except Exception:
             log.exception("sweep failed; will try again")

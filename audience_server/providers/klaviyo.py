@@ -70,6 +70,9 @@ MAX_EXTERNAL_ID = 255
 REMOVE_BATCH = 1_000  # most profiles per list-relationship call
 PAGE_SIZE = 100  # most a relationships page returns
 LIST_PAGE_SIZE = 10  # most GET /api/lists returns
+# A bulk import job's statuses (Klaviyo's words, not this server's states).
+JOB_DONE = "complete"
+JOB_UNDER_WAY = ("queued", "processing")
 
 _REVISION = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.[A-Za-z0-9_-]+)?")
 _WHITESPACE = re.compile(r"\s+")
@@ -356,10 +359,10 @@ class KlaviyoProvider(HttpAdapter):
             if not isinstance(attributes, dict):
                 raise PermanentError("unexpected answer from Klaviyo (poll import job)")
             job_status = attributes.get("status")
-            if job_status == "complete":
+            if job_status == JOB_DONE:
                 failed = attributes.get("failed_count") or 0
                 return failed if isinstance(failed, int) and failed > 0 else 0
-            if job_status not in ("queued", "processing"):
+            if job_status not in JOB_UNDER_WAY:
                 raise RetryableError(f"Klaviyo import job {job_id} ended {job_status!r}")
             if loop.time() >= deadline:
                 raise RetryableError(
