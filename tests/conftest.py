@@ -28,6 +28,8 @@ from starlette.testclient import TestClient
 from audience_server import db
 from audience_server.app import create_app
 from audience_server.settings import Settings
+from tests.emulators.webhook import WebhookEmulator
+from tests.helpers import HOOK_SECRET
 from tests.servers import clear_audience_variables
 
 PG_ENV = "AUDIENCE_TEST_POSTGRES_URL"
@@ -141,6 +143,13 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = db.make_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def hook() -> Iterator[WebhookEmulator]:
+    """A strict signed-webhook receiver on loopback, verifying ``HOOK_SECRET``."""
+    with WebhookEmulator(HOOK_SECRET) as emulator:
+        yield emulator
 
 
 @pytest.fixture

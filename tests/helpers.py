@@ -55,6 +55,8 @@ def errors(response: Response) -> list[str]:
     return list(body["errors"])
 
 
+HOOK_SECRET = "whsec-test"  # the `hook` fixture's receiver verifies signatures with it
+
 T = TypeVar("T")
 
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Self
 
-import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
@@ -28,6 +27,7 @@ from audience_server.states import AttemptOutcome, DeliveryState, SessionState
 from tests.conftest import FakeClock, make_users
 from tests.emulators.webhook import WebhookEmulator
 from tests.helpers import (
+    HOOK_SECRET,
     NAME,
     destinations,
     errors,
@@ -39,21 +39,13 @@ from tests.helpers import (
     upload,
 )
 
-SECRET = "whsec-test"
-
-
-@pytest.fixture
-def hook() -> Iterator[WebhookEmulator]:
-    with WebhookEmulator(SECRET) as emulator:
-        yield emulator
-
 
 def test_transient_failures_are_retried_to_one_whole_segment(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
     users = make_users(50)
     hook.fail(503, times=2)
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     with serve(fast, engine, where) as client:
         assert upload(client, "flaky", users, 25, "?sync=true").status_code == 200
         body = status(client, "flaky")
@@ -69,7 +61,7 @@ def test_transient_failures_are_retried_to_one_whole_segment(
 
 def test_retry_after_is_honoured(fast: Settings, engine: Engine, hook: WebhookEmulator) -> None:
     hook.fail(429, retry_after="1")
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     with serve(fast, engine, where) as client:
         assert upload(client, "slow", make_users(5), 5, "?sync=true").status_code == 200
     with engine.connect() as conn:
@@ -83,7 +75,7 @@ def test_permanent_failure_fails_at_once_then_retry_delivers(
 ) -> None:
     users = make_users(40)
     hook.fail(400, '{"error": "unknown list"}')
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     with serve(fast, engine, where) as client:
         response = upload(client, "bad", users, 20, "?sync=true")
         assert response.status_code == 400
@@ -114,7 +106,7 @@ def test_retries_stop_after_max_attempts(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
     hook.fail(500, times=10)
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     with serve(fast, engine, where) as client:
         response = upload(client, "down", make_users(3), 3, "?sync=true")
         assert response.status_code == 400
@@ -127,7 +119,9 @@ def test_async_completion_answers_before_delivery_and_abort_stops_it(
     fast: Settings, engine: Engine, hook: WebhookEmulator
 ) -> None:
     hook.delay(30)  # the receiver sits on the first chunk
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET, "chunk_size": 1}))
+    where = destinations(
+        ("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET, "chunk_size": 1})
+    )
     with serve(fast, engine, where) as client:
         response = upload(client, "quick", make_users(4), 2)
         assert response.status_code == 200
@@ -161,7 +155,7 @@ def test_a_slow_chunk_keeps_its_lease(
         worker_concurrency=4,
     )
     hook.delay(3600)  # held until released
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     app = create_app(settings, engine=engine, clock=clock, sweeper=False, destinations=where)
     with TestClient(app, raise_server_exceptions=False) as client:
         assert upload(client, "long", make_users(3), 3).status_code == 200

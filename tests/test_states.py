@@ -63,19 +63,13 @@ def test_states_are_their_wire_strings() -> None:
     assert [s.value for s in SessionState][:3] == ["receiving", "complete", "delivering"]
 
 
-def test_segment_names() -> None:
-    assert segment_name("High Value  Customers\tQ1", "blotout_", False) == (
-        "blotout_High_Value_Customers_Q1"
-    )
-    assert segment_name("High Value Customers", "blotout_", True) == "High Value Customers"
-
-
 @pytest.mark.parametrize(
     ("name", "prefix", "disable", "expected"),
     [
         ("High Value Customers Q1", "blotout_", False, "blotout_High_Value_Customers_Q1"),
         ("High Value Customers Q1", "blotout_", True, "High Value Customers Q1"),
         ("Lapsed \t\n buyers", "", False, "Lapsed_buyers"),
+        ("High Value  Customers\tQ1", "blotout_", False, "blotout_High_Value_Customers_Q1"),
         ("Ünïcode  näme", "x_", False, "x_Ünïcode_näme"),
     ],
 )

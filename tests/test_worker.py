@@ -29,15 +29,7 @@ from audience_server.states import AttemptOutcome, DeliveryState, SessionState
 from audience_server.worker import Destinations, Doorbell, Worker
 from tests.conftest import FakeClock, make_users
 from tests.emulators.webhook import WebhookEmulator, verify_signature
-from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
-
-SECRET = "whsec-test"
-
-
-@pytest.fixture
-def hook() -> Iterator[WebhookEmulator]:
-    with WebhookEmulator(SECRET) as emulator:
-        yield emulator
+from tests.helpers import HOOK_SECRET, NAME, destinations, errors, form, send, serve, status, upload
 
 
 def test_example_is_delivered_to_the_file_exactly(
@@ -87,7 +79,7 @@ def test_webhook_receiver_verifies_and_reassembles(
 ) -> None:
     users = make_users(2_500)
     where = destinations(
-        ("crm", "webhook", {"url": hook.url, "secret": SECRET, "chunk_size": 1000})
+        ("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET, "chunk_size": 1000})
     )
     with serve(fast, engine, where) as client:
         response = upload(client, "wh", users, 1_000, "?sync=true&disablePrefix=true")
@@ -100,7 +92,7 @@ def test_webhook_receiver_verifies_and_reassembles(
     assert first.body["segmentName"] == NAME and first.body["name"] == NAME
     assert first.body["type"] == "custom" and first.body["sessionId"] == "wh"
     assert verify_signature(
-        SECRET.encode(), first.headers["x-audience-signature"], first.raw, first.arrived_at
+        HOOK_SECRET.encode(), first.headers["x-audience-signature"], first.raw, first.arrived_at
     )
     assert not verify_signature(
         b"wrong", first.headers["x-audience-signature"], first.raw, first.arrived_at
@@ -116,8 +108,8 @@ def test_two_destinations_and_partial_failure(
     hook.fail(403, "forbidden", times=5)
     where = destinations(
         ("files", "file", {"dir": str(tmp_path)}),
-        ("crm", "webhook", {"url": hook.url, "secret": SECRET}),
-        ("crm-eu", "webhook", {"url": hook.url, "secret": SECRET}),
+        ("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}),
+        ("crm-eu", "webhook", {"url": hook.url, "secret": HOOK_SECRET}),
     )
     with serve(fast, engine, where) as client:
         response = upload(client, "mix", users, 5, "?sync=true")
@@ -139,7 +131,7 @@ def test_sync_timeout_is_504_and_delivery_goes_on(
 ) -> None:
     settings = Settings(database_url=database_url, sync_timeout=dt.timedelta(milliseconds=300))
     hook.delay(30)
-    where = destinations(("crm", "webhook", {"url": hook.url, "secret": SECRET}))
+    where = destinations(("crm", "webhook", {"url": hook.url, "secret": HOOK_SECRET}))
     with serve(settings, engine, where) as client:
         response = upload(client, "wait", make_users(2), 1, "?sync=true")
         assert response.status_code == 504

@@ -3,7 +3,6 @@ workers never deliver one (session, destination) at the same time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,10 @@ import pytest
 
 from tests.conftest import make_users
 from tests.emulators.webhook import WebhookEmulator
-from tests.helpers import eventually, form
+from tests.helpers import HOOK_SECRET, eventually, form
 from tests.servers import ServerProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
-SECRET = "whsec-proc"
-
-
-@pytest.fixture
-def hook() -> Iterator[WebhookEmulator]:
-    with WebhookEmulator(SECRET) as emulator:
-        yield emulator
 
 
 def destinations_file(tmp_path: Path, hook: WebhookEmulator, chunk_size: int) -> str:
@@ -39,7 +31,7 @@ def destinations_file(tmp_path: Path, hook: WebhookEmulator, chunk_size: int) ->
 def worker_env(tmp_path: Path, hook: WebhookEmulator, chunk_size: int) -> dict[str, str]:
     return {
         "AUDIENCE_DESTINATIONS": destinations_file(tmp_path, hook, chunk_size),
-        "HOOK_SECRET": SECRET,
+        "HOOK_SECRET": HOOK_SECRET,
         "AUDIENCE_WORKER_LEASE": "2s",
         "AUDIENCE_WORKER_POLL": "0.1s",
         "AUDIENCE_DELIVERY_RETRY_BASE": "0.1s",

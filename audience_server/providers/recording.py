@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from ..destinations import DestinationConfig
 from . import options as check
@@ -51,7 +51,7 @@ class RecordingProvider:
         self._script: deque[Answer] = deque()
 
     @classmethod
-    def from_config(cls, config: DestinationConfig) -> RecordingProvider:
+    def from_config(cls, config: DestinationConfig) -> Self:
         return cls(chunk_size=check.positive_int(config.options, "chunk_size", 1_000, 1_000_000))
 
     def script(self, *answers: Answer) -> None:
