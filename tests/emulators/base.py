@@ -12,6 +12,11 @@ An emulator subclasses :class:`Emulator` and writes ``_handle``. It names each r
 ``_take(incoming)`` once the request has passed every check of the platform and before it
 changes any state: scripted answers and delays apply there, so a request the platform would
 refuse is refused whatever is scripted, and a scripted failure changes nothing.
+
+What the platforms have in common beyond that lives here too: :class:`PlatformError`, which
+every emulator's error class derives from (raised anywhere in ``_handle``, answered by the base
+in the platform's own format), and :class:`JsonBody`, how a platform reads a JSON body and
+what it answers when the body is not one (its messages are its own, passed as data).
 """
 
 from __future__ import annotations
@@ -32,6 +37,66 @@ _TEXT = "text/plain; charset=utf-8"
 
 On = str | Collection[str] | Callable[[Incoming], bool] | None
 """Which requests a scripted failure is for: a route, one of several, a predicate, or any."""
+
+
+class PlatformError(Exception):
+    """A refusal in a platform's own format: the HTTP ``status``, the ``message`` (the
+    exception's text too), and the platform's error ``document`` (None: ``{"error": message}``),
+    sent as JSON of ``content_type`` with extra ``headers``. Raised from anywhere in an
+    emulator's ``_handle``, it is answered with ``reply()`` unless the emulator catches it to
+    answer otherwise. A platform's error class builds the document from its own fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        document: Any = None,
+        *,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.document = {"error": message} if document is None else document
+        self.content_type = content_type
+        self.headers = dict(headers or {})
+
+    def reply(self) -> Reply:
+        body = json.dumps(self.document).encode()
+        return Reply(self.status, body, self.content_type, self.headers)
+
+
+def media_type(incoming: Incoming) -> str:
+    """The request's Content-Type without its parameters, lower-cased; "" when it has none."""
+    return incoming.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+@dataclass(frozen=True)
+class JsonBody:
+    """How a platform reads a JSON request body, and what it raises when the body is not what
+    it takes: ``wrong_media`` given the media type when it is not one of ``media_types`` (None:
+    the caller checks the media type), ``not_json`` given the parser's complaint,
+    ``not_object`` when the JSON is not an object (None: any JSON value will do)."""
+
+    not_json: Callable[[ValueError], Exception]
+    not_object: Callable[[], Exception] | None = None
+    wrong_media: Callable[[str], Exception] | None = None
+    media_types: Collection[str] = ("application/json",)
+    utf8: bool = False  # only UTF-8 (json.loads would take UTF-16 and UTF-32 bytes as well)
+
+    def parse(self, incoming: Incoming, raw: bytes) -> Any:
+        """The body ``raw`` of ``incoming``, parsed; the platform's error when it is refused."""
+        media = media_type(incoming)
+        if self.wrong_media is not None and media not in self.media_types:
+            raise self.wrong_media(media)
+        try:
+            body = json.loads(raw.decode("utf-8") if self.utf8 else raw)
+        except ValueError as exc:  # UnicodeDecodeError is one too
+            raise self.not_json(exc) from None
+        if self.not_object is not None and not isinstance(body, dict):
+            raise self.not_object()
+        return body
 
 
 @dataclass(frozen=True)
@@ -213,6 +278,11 @@ class Emulator:
             phrase = ""
         return Reply(status, json.dumps({"error": f"scripted {status}{phrase}"}).encode())
 
+    def _http_error(self, exc: HttpError) -> Reply:
+        """The answer to an :class:`HttpError` from ``_handle`` (a body that cannot be read,
+        say): ``{"error": message}``, unless the platform words it in its own format."""
+        return Reply(exc.status, json.dumps({"error": exc.message}).encode())
+
     def _take(self, incoming: Incoming) -> Turn:
         """This valid request's scripted answer and delay, used up now."""
         with self._cond:
@@ -244,8 +314,10 @@ class Emulator:
     def _receive(self, incoming: Incoming) -> Reply:
         try:
             reply = self._handle(incoming)
+        except PlatformError as exc:
+            reply = exc.reply()
         except HttpError as exc:
-            reply = Reply(exc.status, json.dumps({"error": exc.message}).encode())
+            reply = self._http_error(exc)
         call = Call(
             method=incoming.method,
             path=incoming.path,

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.base import Emulator
+from tests.emulators.base import Emulator, JsonBody, PlatformError
 from tests.emulators.loopback import HttpError, Incoming, Reply
 
 Account = tuple[str, str]  # (accountType, accountId)
@@ -67,14 +67,15 @@ AUTH_MESSAGE = (
     "https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
 DOMAIN = "datamanager.googleapis.com"
+_MEDIA = "application/json; charset=UTF-8"
 
 _ROUTES = {
     "/v1/audienceMembers:ingest": "ingest",
     "/v1/audienceMembers:remove": "remove",
     "/v1/audienceMembers:removeAll": "removeAll",
 }
-_LISTS_PATH = re.compile(r"/v1/accountTypes/([A-Z_]+)/accounts/([0-9]+)/userLists")
 _RESOURCE = re.compile(r"accountTypes/([A-Z_]+)/accounts/([0-9]+)")
+_LISTS_PATH = re.compile(f"/v1/{_RESOURCE.pattern}/userLists")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _REGION = re.compile(r"[A-Z]{2}")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -100,8 +101,8 @@ FAILURES: dict[int, tuple[str, str, str]] = {
 }
 
 
-class GoogleError(Exception):
-    """A google.rpc error answer."""
+class GoogleError(PlatformError):
+    """A google.rpc error answer at HTTP ``code``; its ErrorInfo names a request id of its own."""
 
     def __init__(
         self,
@@ -111,44 +112,39 @@ class GoogleError(Exception):
         *,
         reason: str | None = None,
         field: str | None = None,
-        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-        self.message = message
-        self.reason = reason
-        self.field = field
-        self.headers = dict(headers or {})
+        body = _rpc_error(code, status, message, reason, field, uuid.uuid4().hex)
+        super().__init__(code, message, body, content_type=_MEDIA)
 
-    def body(self, request_id: str) -> dict[str, Any]:
-        details: list[dict[str, Any]] = []
-        if self.reason:
-            details.append(
-                {
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": self.reason,
-                    "domain": DOMAIN,
-                    "metadata": {"requestId": request_id},
-                }
-            )
-        if self.field:
-            violation = {"field": self.field, "description": self.message}
-            if self.reason:
-                violation["reason"] = self.reason
-            details.append(
-                {
-                    "@type": "type.googleapis.com/google.rpc.BadRequest",
-                    "fieldViolations": [violation],
-                }
-            )
-        error: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
-        if details:
-            error["details"] = details
-        return {"error": error}
 
-    def reply(self, request_id: str) -> Reply:
-        return _rpc(self.code, self.body(request_id), self.headers)
+def _rpc_error(
+    code: int, status: str, message: str, reason: str | None, field: str | None, request_id: str
+) -> dict[str, Any]:
+    """``{"error": {"code", "message", "status", "details"}}``, as Google refuses."""
+    details: list[dict[str, Any]] = []
+    if reason:
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": DOMAIN,
+                "metadata": {"requestId": request_id},
+            }
+        )
+    if field:
+        violation = {"field": field, "description": message}
+        if reason:
+            violation["reason"] = reason
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.BadRequest",
+                "fieldViolations": [violation],
+            }
+        )
+    error: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if details:
+        error["details"] = details
+    return {"error": error}
 
 
 def invalid(
@@ -161,6 +157,25 @@ def _missing(field: str) -> GoogleError:
     return invalid(
         f"Required field is missing: {field}.", reason="REQUIRED_FIELD_MISSING", field=field
     )
+
+
+def _items(value: Any, field: str, most: int, too_many: str, reason: str) -> list[Any]:
+    """A repeated field of 1 to ``most`` items; ``too_many`` and ``reason``: Google's refusal
+    of more."""
+    if not isinstance(value, list) or not value:
+        raise _missing(field)
+    if len(value) > most:
+        raise invalid(too_many, reason=reason, field=field)
+    return value
+
+
+_JSON_BODY = JsonBody(
+    wrong_media=lambda media: invalid(
+        f"Invalid JSON payload received: Content-Type {media or 'missing'}."
+    ),
+    not_json=lambda exc: invalid(f"Invalid JSON payload received. {exc}"),
+    not_object=lambda: invalid("Invalid JSON payload received. Expected an object."),
+)
 
 
 @dataclass
@@ -241,30 +256,28 @@ class GoogleEmulator(Emulator):
     # -- serving -------------------------------------------------------------------------------
 
     def _handle(self, incoming: Incoming) -> Reply:
-        request_id = uuid.uuid4().hex
-        try:
-            route, account = self._route(incoming)
-            incoming.route = route
-            incoming.principal = token = self._token(incoming)
-            turn = self._take(incoming)
-            turn.wait()
-            if turn.reply is not None:
-                return turn.reply
-            body = self._json(incoming) if incoming.method == "POST" else None
-            with self._cond:
-                answer = self._serve(route, account, token, incoming, body, request_id)
-        except GoogleError as exc:
-            return exc.reply(request_id)
-        except HttpError as exc:  # from reading the body
-            return GoogleError(exc.status, "INVALID_ARGUMENT", exc.message).reply(request_id)
+        request_id = uuid.uuid4().hex  # a GoogleError is answered by the base
+        route, account = self._route(incoming)
+        incoming.route = route
+        incoming.principal = token = self._token(incoming)
+        turn = self._take(incoming)
+        turn.wait()
+        if turn.reply is not None:
+            return turn.reply
+        body = self._json(incoming) if incoming.method == "POST" else None
+        with self._cond:
+            answer = self._serve(route, account, token, incoming, body, request_id)
         return _rpc(200, answer)
+
+    def _http_error(self, exc: HttpError) -> Reply:  # from reading the body
+        return GoogleError(exc.status, "INVALID_ARGUMENT", exc.message).reply()
 
     def _failure(self, status: int, retry_after: str | None) -> Reply:
         if status not in FAILURES:
             known = ", ".join(str(code) for code in FAILURES)
             raise ValueError(f"no Google error for HTTP {status} to script; known: {known}")
         name, message, reason = FAILURES[status]
-        return GoogleError(status, name, message, reason=reason).reply(uuid.uuid4().hex)
+        return GoogleError(status, name, message, reason=reason).reply()
 
     def _route(self, incoming: Incoming) -> tuple[str, Account | None]:
         route = _ROUTES.get(incoming.path)
@@ -287,16 +300,7 @@ class GoogleEmulator(Emulator):
         return token
 
     def _json(self, incoming: Incoming) -> dict[str, Any]:
-        raw = incoming.read_body(MAX_BODY)
-        media = incoming.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise invalid(f"Invalid JSON payload received: Content-Type {media or 'missing'}.")
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise invalid(f"Invalid JSON payload received. {exc}") from None
-        if not isinstance(body, dict):
-            raise invalid("Invalid JSON payload received. Expected an object.")
+        body: dict[str, Any] = _JSON_BODY.parse(incoming, incoming.read_body(MAX_BODY))
         return body
 
     def _serve(
@@ -454,15 +458,13 @@ class GoogleEmulator(Emulator):
             )
 
     def _destinations(self, token: str, body: dict[str, Any]) -> list[tuple[Account, str]]:
-        items = body.get("destinations")
-        if not isinstance(items, list) or not items:
-            raise _missing("destinations")
-        if len(items) > MAX_DESTINATIONS:
-            raise invalid(
-                "Maximum number of destinations allowed per request is 10.",
-                reason="TOO_MANY_DESTINATIONS",
-                field="destinations",
-            )
+        items = _items(
+            body.get("destinations"),
+            "destinations",
+            MAX_DESTINATIONS,
+            "Maximum number of destinations allowed per request is 10.",
+            "TOO_MANY_DESTINATIONS",
+        )
         found: list[tuple[Account, str]] = []
         for index, item in enumerate(items):
             where = f"destinations[{index}]"
@@ -560,9 +562,8 @@ class GoogleEmulator(Emulator):
         return {"requestId": request_id}
 
 
-def _rpc(status: int, answer: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Reply:
-    body = json.dumps(answer).encode()
-    return Reply(status, body, "application/json; charset=UTF-8", dict(headers or {}))
+def _rpc(status: int, answer: Mapping[str, Any]) -> Reply:
+    return Reply(status, json.dumps(answer).encode(), _MEDIA)
 
 
 # -- field checks (pure) ----------------------------------------------------------------------
@@ -615,15 +616,14 @@ def _validate_only(body: dict[str, Any]) -> bool:
     return value
 
 
-def _members(items: Any, encoding: str) -> list[Member]:
-    if not isinstance(items, list) or not items:
-        raise _missing("audience_members")
-    if len(items) > MAX_MEMBERS:
-        raise invalid(
-            "Maximum number of audience members allowed per request is 10,000.",
-            reason="TOO_MANY_AUDIENCE_MEMBERS",
-            field="audience_members",
-        )
+def _members(value: Any, encoding: str) -> list[Member]:
+    items = _items(
+        value,
+        "audience_members",
+        MAX_MEMBERS,
+        "Maximum number of audience members allowed per request is 10,000.",
+        "TOO_MANY_AUDIENCE_MEMBERS",
+    )
     members: list[Member] = []
     for index, item in enumerate(items):
         where = f"audience_members[{index}]"
@@ -639,15 +639,13 @@ def _members(items: Any, encoding: str) -> list[Member]:
             raise invalid(f"{kinds[0]} is not supported by this emulator.", field=where)
         _consent(item.get("consent"), f"{where}.consent")
         user_data = _fields(item["userData"], f"{where}.user_data", {"userIdentifiers"})
-        identifiers = user_data.get("userIdentifiers")
-        if not isinstance(identifiers, list) or not identifiers:
-            raise _missing(f"{where}.user_data.user_identifiers")
-        if len(identifiers) > MAX_IDENTIFIERS:
-            raise invalid(
-                "Maximum number of user identifiers allowed per audience member is 10.",
-                reason="TOO_MANY_USER_IDENTIFIERS",
-                field=f"{where}.user_data.user_identifiers",
-            )
+        identifiers = _items(
+            user_data.get("userIdentifiers"),
+            f"{where}.user_data.user_identifiers",
+            MAX_IDENTIFIERS,
+            "Maximum number of user identifiers allowed per audience member is 10.",
+            "TOO_MANY_USER_IDENTIFIERS",
+        )
         parts = [
             _identifier(ident, f"{where}.user_data.user_identifiers[{position}]", encoding)
             for position, ident in enumerate(identifiers)

@@ -39,12 +39,12 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
-from tests.emulators.base import Emulator
+from tests.emulators.base import Emulator, JsonBody, PlatformError
 from tests.emulators.loopback import HttpError, Incoming, Reply
 
 MEDIA_TYPE = "application/vnd.api+json"
@@ -57,7 +57,7 @@ MAX_EXTERNAL_ID = 255
 _REVISION = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.[A-Za-z0-9_-]+)?")
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
 _EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+")
-_EMAIL_DELIVERABLE = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
+_EMAIL_DELIVERABLE = re.compile(_EMAIL_SHAPE.pattern + r"\.[A-Za-z]{2,}")
 _LIST_MEMBERS = re.compile(r"/api/lists/([^/]+)/relationships/profiles")
 _JOB = re.compile(r"/api/profile-bulk-import-jobs/([^/]+)(/relationships/profiles|/import-errors)?")
 _FILTER = re.compile(r"""equals\((name|id),(?:"([^"]*)"|'([^']*)')\)""")
@@ -111,7 +111,7 @@ _IDENTIFIERS = ("email", "phone_number", "external_id")
 _LIST_FIELDS = ("name", "created", "updated", "opt_in_process")
 
 
-class KlaviyoError(Exception):
+class KlaviyoError(PlatformError):
     """An answer in Klaviyo's error envelope."""
 
     def __init__(
@@ -123,12 +123,8 @@ class KlaviyoError(Exception):
         parameter: str | None = None,
         code: str | None = None,
     ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.pointer = pointer
-        self.parameter = parameter
-        self.code = code
+        document = errors_document(status, detail, pointer=pointer, parameter=parameter, code=code)
+        super().__init__(status, detail, document, content_type=MEDIA_TYPE)
 
 
 @dataclass
@@ -208,11 +204,12 @@ def errors_document(
     return {"errors": [error]}
 
 
-def _error(exc: KlaviyoError) -> Reply:
-    body = errors_document(
-        exc.status, exc.detail, pointer=exc.pointer, parameter=exc.parameter, code=exc.code
-    )
-    return _document(exc.status, body)
+_JSON_BODY = JsonBody(  # any JSON value: the handlers say what a document must hold
+    wrong_media=lambda media: KlaviyoError(415, f'Unsupported media type "{media}" in request.'),
+    media_types=(MEDIA_TYPE, "application/json"),
+    not_json=lambda exc: KlaviyoError(400, f"JSON parse error - {exc}"),
+    utf8=True,
+)
 
 
 def _document(status: int, document: Any) -> Reply:
@@ -314,14 +311,12 @@ class KlaviyoEmulator(Emulator):
 
     # -- serving -----------------------------------------------------------------------------
 
-    def _handle(self, incoming: Incoming) -> Reply:
-        try:
-            incoming.principal = self._authenticate(incoming)
-            return self._serve(incoming, incoming.principal)
-        except KlaviyoError as exc:
-            return _error(exc)
-        except HttpError as exc:  # from reading the body: 411/413/400
-            return _error(KlaviyoError(exc.status, exc.message))
+    def _handle(self, incoming: Incoming) -> Reply:  # a KlaviyoError is answered by the base
+        incoming.principal = self._authenticate(incoming)
+        return self._serve(incoming, incoming.principal)
+
+    def _http_error(self, exc: HttpError) -> Reply:  # from reading the body: 411/413/400
+        return KlaviyoError(exc.status, exc.message).reply()
 
     def _authenticate(self, incoming: Incoming) -> str:
         scheme, _, key = incoming.headers.get("authorization", "").partition(" ")
@@ -423,20 +418,13 @@ class KlaviyoEmulator(Emulator):
         if length.isdigit() and MAX_BODY_BYTES < int(length) <= 4 * MAX_BODY_BYTES:
             incoming.read_body(4 * MAX_BODY_BYTES)  # read, so the client hears the 413
             raise KlaviyoError(413, f"The request body may be at most {MAX_BODY_BYTES} bytes.")
-        raw = incoming.read_body(MAX_BODY_BYTES)
-        media = incoming.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media not in (MEDIA_TYPE, "application/json"):
-            raise KlaviyoError(415, f'Unsupported media type "{media}" in request.')
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise KlaviyoError(400, f"JSON parse error - {exc}") from None
+        return _JSON_BODY.parse(incoming, incoming.read_body(MAX_BODY_BYTES))
 
     def _failure(self, status: int, retry_after: str | None) -> Reply:
         _, detail = _TITLES.get(status, ("error", "Error."))
         if status == 429 and retry_after:
             detail = f"Request was throttled. Expected available in {retry_after} second(s)."
-        return _error(KlaviyoError(status, detail))
+        return KlaviyoError(status, detail).reply()
 
     # -- pagination --------------------------------------------------------------------------
 
@@ -550,17 +538,12 @@ class KlaviyoEmulator(Emulator):
         return _document(201, {"data": resource, "links": resource["links"]})
 
     def _member_list(self, account: Account, list_id: str | None) -> KList:
-        klist = account.lists.get(list_id or "")
-        if klist is None:
-            raise KlaviyoError(404, f"A list with id {list_id} does not exist.")
-        return klist
+        return _existing(account.lists, "list", list_id)
 
     def _get_list_members(self, request: _Request) -> Reply:
-        account, list_id, query = request.account, request.path_id, request.query
-        klist = self._member_list(account, list_id)
-        items = [{"type": "profile", "id": pid} for pid in klist.members]
+        klist = self._member_list(request.account, request.path_id)
         path = f"/api/lists/{klist.id}/relationships/profiles/"
-        return _document(200, self._page(path, query, items, default=20, maximum=100))
+        return self._related(request, path, _profile_refs(klist.members))
 
     def _relationship_ids(self, body: Any) -> list[str]:
         if (
@@ -588,8 +571,7 @@ class KlaviyoEmulator(Emulator):
         self._no_query(request.query)
         klist = self._member_list(request.account, request.path_id)
         for pid in self._relationship_ids(request.body):
-            if pid not in request.account.profiles:
-                raise KlaviyoError(404, f"A profile with id {pid} does not exist.")
+            _existing(request.account.profiles, "profile", pid)
             klist.members.setdefault(pid, None)
         return Reply(204, b"", MEDIA_TYPE)
 
@@ -683,10 +665,7 @@ class KlaviyoEmulator(Emulator):
         return {"data": resource, "links": {"self": self_link}}
 
     def _job(self, account: Account, job_id: str | None) -> Job:
-        job = account.jobs.get(job_id or "")
-        if job is None:
-            raise KlaviyoError(404, f"A profile-bulk-import-job with id {job_id} does not exist.")
-        return job
+        return _existing(account.jobs, "profile-bulk-import-job", job_id)
 
     def _get_job(self, request: _Request) -> Reply:
         account, job_id, query = request.account, request.path_id, request.query
@@ -729,20 +708,22 @@ class KlaviyoEmulator(Emulator):
         return f"01P{self._counter:023d}"
 
     def _get_job_profiles(self, request: _Request) -> Reply:
-        account, job_id, query = request.account, request.path_id, request.query
-        job = self._job(account, job_id)
-        items = [{"type": "profile", "id": pid} for pid in job.profile_ids]
+        job = self._job(request.account, request.path_id)
         path = f"/api/profile-bulk-import-jobs/{job.id}/relationships/profiles/"
-        return _document(200, self._page(path, query, items, default=20, maximum=100))
+        return self._related(request, path, _profile_refs(job.profile_ids))
 
     def _get_job_errors(self, request: _Request) -> Reply:
-        account, job_id, query = request.account, request.path_id, request.query
-        job = self._job(account, job_id)
+        job = self._job(request.account, request.path_id)
         items = [
             {"type": "import-error", "id": error["id"], "attributes": error} for error in job.errors
         ]
-        path = f"/api/profile-bulk-import-jobs/{job.id}/import-errors/"
-        return _document(200, self._page(path, query, items, default=20, maximum=100))
+        return self._related(
+            request, f"/api/profile-bulk-import-jobs/{job.id}/import-errors/", items
+        )
+
+    def _related(self, request: _Request, path: str, items: Sequence[dict[str, Any]]) -> Reply:
+        """A page of what a list or a job relates to: 20 unless ``page[size]`` (at most 100)."""
+        return _document(200, self._page(path, request.query, items, default=20, maximum=100))
 
     def _no_query(self, query: dict[str, str]) -> None:
         for name in query:
@@ -750,6 +731,17 @@ class KlaviyoEmulator(Emulator):
 
 
 # -- validation helpers (pure) -------------------------------------------------------------
+
+
+_T = TypeVar("_T")
+
+
+def _existing(found: Mapping[str, _T], kind: str, ident: str | None) -> _T:
+    """The ``kind`` (a list, a profile, a job) of id ``ident``; 404 when there is none."""
+    item = found.get(ident or "")
+    if item is None:
+        raise KlaviyoError(404, f"A {kind} with id {ident} does not exist.")
+    return item
 
 
 def _object(value: Any, pointer: str) -> dict[str, Any]:
@@ -860,6 +852,10 @@ def _upsert(account: Account, attributes: dict[str, Any], new_id: Callable[[], s
         else:
             profile.attributes[key] = value
     return profile.id
+
+
+def _profile_refs(ids: Iterable[str]) -> list[dict[str, Any]]:
+    return [{"type": "profile", "id": pid} for pid in ids]
 
 
 def _import_error(detail: str, pointer: str, code: str = "invalid") -> dict[str, Any]:

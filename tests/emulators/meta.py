@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from tests.emulators.base import Call, Emulator
+from tests.emulators.base import Call, Emulator, JsonBody, PlatformError, media_type
 from tests.emulators.loopback import Incoming, Reply
 
 Member = frozenset[tuple[str, str]]
@@ -118,7 +118,7 @@ def graph_code(call: Call) -> int | None:
     return code if isinstance(code, int) else None
 
 
-class GraphError(Exception):
+class GraphError(PlatformError):
     """A Graph error answer: ``{"error": {"message", "type", "code", ...}}``."""
 
     def __init__(
@@ -131,17 +131,8 @@ class GraphError(Exception):
         type: str = "OAuthException",
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.subcode = subcode
-        self.type = type
-        self.headers = dict(headers or {})
-
-    def reply(self) -> Reply:
-        body = graph_error_body(self.code, self.message, subcode=self.subcode, type=self.type)
-        return Reply(self.status, json.dumps(body).encode(), _JSON, self.headers)
+        body = graph_error_body(code, message, subcode=subcode, type=type)
+        super().__init__(status, message, body, content_type=_JSON, headers=headers)
 
 
 def _missing_object(method: str, node: str) -> GraphError:
@@ -157,6 +148,12 @@ def _missing_object(method: str, node: str) -> GraphError:
 
 def _bad_param(message: str) -> GraphError:
     return GraphError(100, f"(#100) {message}")
+
+
+_JSON_BODY = JsonBody(  # the media type is checked by the caller: Graph takes forms too
+    not_json=lambda _: _bad_param("The request body is not valid JSON"),
+    not_object=lambda: _bad_param("The request body must be a JSON object"),
+)
 
 
 @dataclass
@@ -279,19 +276,13 @@ class MetaEmulator(Emulator):
 
     def _handle(self, incoming: Incoming) -> Reply:
         incoming.route = _kind(incoming.method, incoming.path)
-        try:
-            run = self._route(incoming)
-        except GraphError as exc:
-            return exc.reply()
+        run = self._route(incoming)  # a GraphError, here or from run(), is answered by the base
         turn = self._take(incoming)
         turn.wait()
         if turn.reply is not None:
             return turn.reply
         with self._cond:
-            try:
-                return _json(200, run())
-            except GraphError as exc:  # run() checks the session again: a batch came meanwhile
-                return exc.reply()
+            return _json(200, run())  # run() checks the session again: a batch came meanwhile
 
     def _route(self, incoming: Incoming) -> Callable[[], Any]:
         """Check the request up to the point where only scripted answers and the state are
@@ -385,14 +376,9 @@ class MetaEmulator(Emulator):
         raw = incoming.read_body(self.max_body_bytes)
         if not raw:
             return {}
-        content_type = incoming.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = media_type(incoming)
         if content_type == "application/json":
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise _bad_param("The request body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise _bad_param("The request body must be a JSON object")
+            body: dict[str, Any] = _JSON_BODY.parse(incoming, raw)
             return body
         if content_type == "application/x-www-form-urlencoded":
             return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))

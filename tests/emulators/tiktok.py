@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.base import Call, Emulator
+from tests.emulators.base import Call, Emulator, JsonBody, PlatformError
 from tests.emulators.loopback import HttpError, Incoming, Reply
 
 PREFIX = "/open_api/v1.3/"
@@ -63,17 +63,23 @@ MESSAGES = {
 }
 
 
-class ApiError(Exception):
-    """An answer with a non-zero TikTok code (still HTTP 200)."""
+class ApiError(PlatformError):
+    """An answer with a non-zero TikTok code (still HTTP 200), in the emulator's envelope."""
 
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(200, message)
         self.code = code
-        self.message = message
 
 
 def _param(message: str) -> ApiError:
     return ApiError(40002, f"Parameter error: {message}")
+
+
+_JSON_BODY = JsonBody(
+    wrong_media=lambda _: _param("Content-Type must be application/json"),
+    not_json=lambda _: _param("the body is not valid JSON"),
+    not_object=lambda: _param("the body must be a JSON object"),
+)
 
 
 def envelope_error(code: int, message: str | None = None) -> dict[str, Any]:
@@ -182,7 +188,7 @@ class TikTokEmulator(Emulator):
                 if endpoint == LIST:
                     apply = self._list(advertisers, query)
                 else:
-                    body = self._json(incoming, raw)
+                    body = _JSON_BODY.parse(incoming, raw)
                     check = self._audience if endpoint == AUDIENCE else self._mapping
                     apply = check(advertisers, body)
                 turn = self._take(incoming)
@@ -217,19 +223,6 @@ class TikTokEmulator(Emulator):
         if value not in advertisers:
             raise ApiError(40001, f"No permission to operate advertiser {value}.")
         return value
-
-    @staticmethod
-    def _json(incoming: Incoming, raw: bytes) -> dict[str, Any]:
-        media_type = incoming.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
-            raise _param("Content-Type must be application/json")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise _param("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise _param("the body must be a JSON object")
-        return body
 
     def _list(self, advertisers: frozenset[str], query: Mapping[str, str]) -> Any:
         advertiser = self._advertiser(advertisers, query.get("advertiser_id"), "advertiser_id")

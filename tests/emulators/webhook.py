@@ -83,13 +83,22 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _shape_problem(body: dict[str, Any], allow_extra_keys: bool) -> str | None:
-    missing = sorted(_BODY_KEYS - body.keys())
+def _keys_problem(
+    value: dict[str, Any], keys: frozenset[str], allow_extra_keys: bool, where: str = ""
+) -> str | None:
+    missing = sorted(keys - value.keys())
     if missing:
-        return f"missing key(s): {', '.join(missing)}"
-    extra = sorted(body.keys() - _BODY_KEYS)
+        return f"missing key(s){where}: {', '.join(missing)}"
+    extra = sorted(value.keys() - keys)
     if extra and not allow_extra_keys:
-        return f"unexpected key(s): {', '.join(extra)}"
+        return f"unexpected key(s){where}: {', '.join(extra)}"
+    return None
+
+
+def _shape_problem(body: dict[str, Any], allow_extra_keys: bool) -> str | None:
+    problem = _keys_problem(body, _BODY_KEYS, allow_extra_keys)
+    if problem:
+        return problem
     for key in ("segmentName", "name", "sessionId"):
         if not isinstance(body[key], str) or not body[key]:
             return f"{key} must be a non-empty string"
@@ -98,12 +107,9 @@ def _shape_problem(body: dict[str, Any], allow_extra_keys: bool) -> str | None:
     chunk = body["chunk"]
     if not isinstance(chunk, dict):
         return "chunk must be an object"
-    missing = sorted(_CHUNK_KEYS - chunk.keys())
-    if missing:
-        return f"missing key(s) in chunk: {', '.join(missing)}"
-    extra = sorted(chunk.keys() - _CHUNK_KEYS)
-    if extra and not allow_extra_keys:
-        return f"unexpected key(s) in chunk: {', '.join(extra)}"
+    problem = _keys_problem(chunk, _CHUNK_KEYS, allow_extra_keys, " in chunk")
+    if problem:
+        return problem
     index = chunk["index"]
     if isinstance(index, bool) or not isinstance(index, int) or index < 1:
         return f"chunk.index must be an integer >= 1, got {index!r}"
