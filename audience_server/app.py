@@ -39,6 +39,7 @@ from .runtime import (
     sweep_forever,
 )
 from .settings import Settings
+from .supervisor import WorkerSupervisor
 from .worker import Destinations, Doorbell
 
 log = logging.getLogger("audience_server")
@@ -104,14 +105,23 @@ def create_app(
     sweeper: bool = True,
     destinations: Destinations | None = None,
     worker: bool | None = None,
+    worker_process: bool = False,
 ) -> Starlette:
-    """The ASGI app. Tests pass their own engine, clock and destinations."""
+    """The ASGI app. Tests pass their own engine, clock and destinations. The delivery
+    worker (``worker``, default ``AUDIENCE_WORKER``) runs in this process, or with
+    ``worker_process`` in a supervised child process (``serve`` does that)."""
     own_engine = engine is None
     engine = engine if engine is not None else db.make_engine(settings.database_url)
     if destinations is None:
         destinations = load_destinations(settings)
     changes = Doorbell()
-    run_in_process = settings.run_worker if worker is None else worker
+    runs_worker = settings.run_worker if worker is None else worker
+    supervisor = WorkerSupervisor(changes) if runs_worker and worker_process else None
+    in_process = (
+        make_worker(settings, engine, destinations, clock, changes)
+        if runs_worker and supervisor is None
+        else None
+    )
     state = State(
         settings=settings,
         engine=engine,
@@ -119,9 +129,7 @@ def create_app(
         limits=Limits(settings.max_batch_users, settings.max_total_batches),
         changes=changes,
         destinations=destinations,
-        worker=make_worker(settings, engine, destinations, clock, changes)
-        if run_in_process
-        else None,
+        worker=supervisor or in_process,
     )
 
     @contextlib.asynccontextmanager
@@ -129,8 +137,12 @@ def create_app(
         await run_in_threadpool(prepare_database, settings, engine)
         stop = asyncio.Event()
         sweeping = asyncio.create_task(sweep_forever(settings, engine, clock)) if sweeper else None
-        in_process = state["worker"]
-        working = asyncio.create_task(run_worker(in_process, stop)) if in_process else None
+        if supervisor is not None:
+            working = asyncio.create_task(supervisor.run(stop))
+        elif in_process is not None:
+            working = asyncio.create_task(run_worker(in_process, stop))
+        else:
+            working = None
         try:
             yield state
         finally:

@@ -1,22 +1,33 @@
 """Assembly: a complete session's users in sequence order, exact duplicates dropped, in chunks.
 
-Pure over the batches it is handed (the worker reads them and stores what is found):
-memory is bounded by one batch plus one chunk whatever the segment's size. Users already
-seen are remembered on disk (``seen.SeenUsers``, in the worker's scratch folder), and what
-assembly finds is kept per batch (indexes of repeated users), so every delivery of the
-session streams the same users without redoing it.
+Pure over the batches it is handed (the worker reads them and stores what is found). The
+batches are read once: each user's key goes to a partitioned spill (``seen.SeenUsers``, in
+the worker's scratch folder), then the repeats come back in order and are handed out batch
+by batch. Memory is bounded by one batch, one chunk and the spill's constant budget
+whatever the segment's size, and the cost per user does not grow with it. What assembly
+finds is kept per batch (indexes of repeated users), so every delivery of the session
+streams the same users without redoing it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import secrets
+import struct
+import tempfile
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from .digests import canonical_digest, user_key
+import msgspec
+
+from .digests import batch_keys
 from .providers.base import Chunk
 from .seen import SeenUsers
+
+_READ = struct.Struct("<q32sq")  # a batch read: its sequence, canonical digest, size
+_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_compact = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 class UsersPurged(Exception):
@@ -24,16 +35,16 @@ class UsersPurged(Exception):
 
 
 class Batch(NamedTuple):
-    """One stored batch, decoded: its users, and the indexes of those assembly found
-    repeating an earlier user of the session (empty before assembly)."""
+    """One stored batch: its users field as received (a JSON array), and the indexes of
+    the users assembly found repeating an earlier user of the session (empty before)."""
 
     sequence: int
-    users: Sequence[Any]
+    users_json: bytes
     repeated: Sequence[int]
+    size: int  # how many users
 
 
-@dataclass(frozen=True)
-class Findings:
+class Findings(NamedTuple):
     """What assembly found in one batch."""
 
     sequence: int
@@ -46,45 +57,58 @@ def find_duplicates(
     batches: Iterable[Batch], scratch: Path | None = None
 ) -> Generator[Findings, None, None]:
     """What each batch holds that an earlier user of the session already was, batch by
-    batch in the order given (sequence order). Safe to run again from the start."""
+    batch in the order given (sequence order). The batches are read once, all of them
+    before the first findings. Safe to run again from the start."""
+    seed = secrets.randbits(64)  # the keys' hash is keyed afresh on every run
     seen = SeenUsers(scratch)
     try:
-        for batch in batches:
-            repeated = seen.repeated([user_key(user) for user in batch.users])
-            found = Findings(
-                batch.sequence,
-                repeated,
-                canonical_digest(batch.users),
-                len(batch.users) - len(repeated),
-            )
-            del batch  # one batch in memory at a time: the next is read while this yields
-            yield found
+        # One record per batch (its sequence, canonical digest and size), kept on disk too:
+        # a session may have many small batches. Unnamed, so it leaves nothing behind.
+        with tempfile.TemporaryFile(dir=scratch) as read:
+            for batch in batches:
+                digest, keys = batch_keys(batch.users_json, seed)
+                seen.add(keys)
+                read.write(_READ.pack(batch.sequence, digest, len(keys)))
+                del batch, keys  # one batch in memory at a time
+            read.seek(0)
+            repeats = seen.repeats()
+            upcoming = next(repeats, None)
+            start = 0  # the position of the batch's first user among the session's users
+            while record := read.read(_READ.size):
+                sequence, digest, size = _READ.unpack(record)
+                end = start + size
+                repeated: list[int] = []
+                while upcoming is not None and upcoming < end:
+                    repeated.append(upcoming - start)
+                    upcoming = next(repeats, None)
+                yield Findings(sequence, repeated, digest, size - len(repeated))
+                start = end
     finally:
         seen.close()
 
 
-def unique_users(batches: Iterable[Batch]) -> Iterator[Mapping[str, Any]]:
-    """The users of the batches in order, without the repeats assembly found."""
+def unique_users(batches: Iterable[Batch]) -> Iterator[bytes]:
+    """The users of the batches in order, without the repeats assembly found, each as the
+    JSON object it was received as (made compact when it spans lines: NDJSON needs one)."""
     for batch in batches:
         skip = set(batch.repeated)
-        for index, user in enumerate(batch.users):
+        for index, item in enumerate(_items(batch.users_json)):
             if index not in skip:
-                yield user
+                user = bytes(item)
+                yield _compact(_decode(user)) if b"\n" in user or b"\r" in user else user
         del batch  # before the next one is read
 
 
-def chunked(
-    users: Iterator[Mapping[str, Any]], size: int, total: int
-) -> Generator[Chunk, None, None]:
+def chunked(users: Iterator[bytes], size: int, total: int) -> Generator[Chunk, None, None]:
     """Chunks of ``size`` users, numbered from 1; ``total`` users in all marks the last."""
     index = sent = 0
-    chunk: list[Mapping[str, Any]] = []
+    chunk: list[bytes] = []
     for user in users:
         chunk.append(user)
         if len(chunk) == size:
             index += 1
             sent += size
-            yield Chunk(index, sent == total, chunk)
+            yield Chunk(index, sent == total, encoded=chunk)
             chunk = []
     if chunk or index == 0:
-        yield Chunk(index + 1, True, chunk)
+        yield Chunk(index + 1, True, encoded=chunk)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,8 @@ from .retry import RetryPolicy
 from .states import AttemptOutcome, DeliveryState, EventKind, SessionState, settled_state
 
 log = logging.getLogger("audience_server.delivery")  # the name log filters know
+
+PROGRESS_EVERY = dt.timedelta(seconds=2)
 
 
 class LeaseLost(Exception):
@@ -81,7 +83,7 @@ class Attempt:
     claim: Claim
     provider: Provider
     kind: str
-    users: Iterator[Mapping[str, Any]]
+    users: Iterator[bytes]  # each user's JSON object, as received
     sent: int = field(default=0, init=False)  # users sent so far
     invalid: int = field(default=0, init=False)  # of those, how many the platform refused
 
@@ -133,7 +135,7 @@ class Attempt:
                         result = await self.provider.send(segment, chunk)
                 except TimeoutError:
                     raise RetryableError(f"chunk not done within {timeout:g} s") from None
-                self.sent += len(chunk.users)
+                self.sent += len(chunk)
                 self.invalid += result.invalid
                 status = result.status
             return Outcome(DeliveryState.SUCCEEDED, self.sent, self.invalid, http_status=status)
@@ -162,9 +164,10 @@ class Attempt:
         return Outcome(DeliveryState.PENDING, self.sent, self.invalid, error)
 
     async def _keep_lease(self) -> None:
-        """Renew the lease every third of it until cancelled; raises LeaseLost once the
+        """Renew the lease, recording progress, every third of it (every two seconds at
+        most: operators follow ``usersSent``) until cancelled; raises LeaseLost once the
         lease is another worker's."""
-        every = self.terms.lease / 3
+        every = min(self.terms.lease / 3, PROGRESS_EVERY)
         renewed_at = self.claim.leased_at
         while True:
             # The clock is read again at least every poll interval: it need not be the

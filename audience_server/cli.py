@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     configure(settings.log_level)
     config = uvicorn.Config(
-        create_app(settings),
+        # The worker in a child process: requests and deliveries each get a core.
+        create_app(settings, worker_process=True),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -67,13 +68,14 @@ def _worker(args: argparse.Namespace) -> int:
     from . import db
     from .logs import configure
     from .runtime import load_destinations, make_worker, prepare_database, run_worker
+    from .supervisor import attach_to_supervisor
 
     configure(settings.log_level)
     destinations = load_destinations(settings)
     engine = db.make_engine(settings.database_url)
     try:
         prepare_database(settings, engine)
-        worker = make_worker(settings, engine, destinations)
+        worker = make_worker(settings, engine, destinations, worker_id=args.worker_id)
         tune_gc()
 
         async def main() -> None:
@@ -85,6 +87,8 @@ def _worker(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
+            if args.control_fd is not None:  # serve's child: woken by it, stops with it
+                attach_to_supervisor(args.control_fd, worker.wake, worker.changes, stop)
             await run_worker(worker, stop, grace=30.0)
 
         asyncio.run(main())
@@ -118,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-worker",
         action="store_true",
-        help="do not run the delivery worker in this process (AUDIENCE_WORKER=false)",
+        help="do not run the delivery worker (by default serve runs it in a child process "
+        "it restarts if it dies; AUDIENCE_WORKER=false)",
     )
     serve.set_defaults(run=_serve)
     worker = commands.add_parser(
@@ -127,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--drain", action="store_true", help="do the work waiting now, then exit (for cron, tests)"
     )
+    worker.add_argument(
+        "--worker-id",
+        help="a stable id (default: new each run); a worker started with the id of one that "
+        "died takes back its work at once. Give each live worker its own",
+    )
+    worker.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)  # serve's channel
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser(
         "migrate", help="bring the database schema to the newest revision"

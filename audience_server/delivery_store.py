@@ -231,6 +231,17 @@ def start_attempt(
     )
 
 
+def release_leases(conn: Connection, owner: str, now: dt.datetime) -> int:
+    """Let the running deliveries ``owner`` holds (it is known dead) be taken over now,
+    as if their leases had lapsed: the claim closes their attempts. How many."""
+    result = conn.execute(
+        update(deliveries)
+        .where(deliveries.c.lease_owner == owner, deliveries.c.state == DeliveryState.RUNNING)
+        .values(lease_expires_at=now - dt.timedelta(seconds=1))
+    )
+    return result.rowcount
+
+
 def renew_lease(
     conn: Connection,
     key: DeliveryKey,

@@ -47,6 +47,7 @@ def make_worker(
     destinations: Destinations,
     clock: Clock = utcnow,
     changes: Doorbell | None = None,
+    worker_id: str | None = None,
 ) -> Worker:
     """A worker as the settings describe it."""
     return Worker(
@@ -65,6 +66,7 @@ def make_worker(
         concurrency=settings.worker_concurrency,
         changes=changes,
         scratch_root=settings.scratch_dir,
+        worker_id=worker_id,
     )
 
 

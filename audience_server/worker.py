@@ -21,20 +21,19 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio.to_thread
 from sqlalchemy import Engine
 
 from . import db, delivery_store, store
-from .assembly import Batch, UsersPurged, find_duplicates, unique_users
+from .assembly import Batch, Findings, UsersPurged, find_duplicates, unique_users
 from .attempt import Attempt, Claim, Terms
 from .clock import Clock
 from .delivery_store import DeliveryKey
 from .destinations import DestinationConfig
-from .parsing import decode_users
 from .providers.base import Provider
 from .retry import RetryPolicy
 from .scratch import LazyScratch
@@ -52,11 +51,18 @@ class Doorbell:
 
     def __init__(self) -> None:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the ringing thread) on every ring, too."""
+        self._subscribers.append(callback)
 
     def ring(self) -> None:
         for loop, event in list(self._waiters):
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 loop.call_soon_threadsafe(event.set)
+        for callback in self._subscribers:
+            callback()
 
     async def wait(self, timeout: float) -> None:
         """Until the next ring, or ``timeout`` seconds."""
@@ -67,6 +73,14 @@ class Doorbell:
                 await asyncio.wait_for(entry[1].wait(), timeout)
         finally:
             self._waiters.discard(entry)
+
+
+class Wakeable(Protocol):
+    """What runs the delivery work for a server: a worker in its process, or the
+    supervisor of one in a child process."""
+
+    def wake(self) -> None:
+        """New work may be waiting (a session just completed, a retry was asked for)."""
 
 
 class Worker:
@@ -86,8 +100,11 @@ class Worker:
         changes: Doorbell | None = None,
         scratch_root: Path | None = None,
         chunk_timeout: dt.timedelta = dt.timedelta(minutes=10),
+        worker_id: str | None = None,
     ) -> None:
-        self.id = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # An id given is kept across restarts: what a dead predecessor of that id held is
+        # taken back at start. Otherwise it is new, unique to this process.
+        self.id = worker_id or f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # The engine, clock and lease live in ``terms`` alone: every attempt runs under them.
         self.terms = Terms(
             engine, self.id, clock, lease, poll_interval, chunk_timeout.total_seconds(), policy
@@ -107,7 +124,7 @@ class Worker:
         """Run ``concurrency`` lanes until ``stop`` is set; work in hand is finished first."""
         log.info("worker started", extra={"worker": self.id, "concurrency": self.concurrency})
         try:
-            await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
+            await anyio.to_thread.run_sync(self._start)
             await asyncio.gather(*(self._lane(stop) for _ in range(self.concurrency)))
         finally:
             await self.close()
@@ -119,6 +136,20 @@ class Worker:
                 await provider.aclose()
         finally:
             self.scratch.close()
+
+    def _start(self) -> None:
+        """Take back the leases a dead worker of this id held, so its work resumes now
+        rather than when they lapse; sweep the scratch folders killed workers left."""
+        now = self.terms.clock()
+        with db.write_transaction(self.terms.engine) as conn:
+            sessions = store.release_assembly_leases(conn, self.id)
+            deliveries = delivery_store.release_leases(conn, self.id, now)
+        if sessions or deliveries:
+            log.warning(
+                "took back the work a previous worker of this id left",
+                extra={"worker": self.id, "assemblies": sessions, "deliveries": deliveries},
+            )
+        self.scratch.path()
 
     async def _lane(self, stop: asyncio.Event) -> None:
         """Drain, then wait for new work, the poll interval or the stop, whichever is first."""
@@ -150,7 +181,7 @@ class Worker:
     async def drain(self) -> None:
         """Run work until none is ready now (one-shot runs). A delivery waiting to be
         retried later is left for a later run."""
-        await anyio.to_thread.run_sync(self.scratch.path)  # sweeps what killed ones left
+        await anyio.to_thread.run_sync(self._start)
         while await self.step():
             pass
 
@@ -170,7 +201,7 @@ class Worker:
         assert row is not None  # batches are never deleted, only their users purged
         if row.users is None:
             raise UsersPurged(f"session {key}'s users were purged")
-        return Batch(sequence, decode_users(store.unpack_users(row.users)), row.repeated)
+        return Batch(sequence, store.unpack_users(row.users), row.repeated, row.user_count)
 
     # --- assembly ---------------------------------------------------------------------
 
@@ -191,25 +222,17 @@ class Worker:
 
     def _assemble(self, tenant: str, key: str) -> None:
         """Find the session's duplicates, then create its deliveries, once."""
-        unique = 0
-        findings = find_duplicates(self._batches(tenant, key), self.scratch.path())
+        progress = _AssemblyProgress(self.terms, tenant, key)
+        batches = progress.counted(self._batches(tenant, key))
+        findings = find_duplicates(batches, self.scratch.path())
         try:
-            for found in findings:
-                with db.write_transaction(self.terms.engine) as conn:
-                    store.record_assembly(
-                        conn,
-                        tenant,
-                        key,
-                        found.sequence,
-                        repeated=found.repeated,
-                        canonical_digest=found.canonical_digest,
-                    )
-                unique += found.unique
+            progress.store(findings)
         except UsersPurged:
             log.info("assembly stopped: users purged", extra={"sessionId": key})
             return
         finally:
             findings.close()
+        unique = progress.unique
         now = self.terms.clock()
         with db.write_transaction(self.terms.engine) as conn:
             session = store.lock_session(conn, tenant, key)
@@ -231,6 +254,7 @@ class Worker:
             values: dict[str, Any] = {
                 "state": SessionState.DELIVERING if self.destinations else SessionState.DELIVERED,
                 "unique_users": unique,
+                "assembled_users": session.received_users,
                 "lease_owner": None,
                 "lease_expires_at": None,
                 "updated_at": now,
@@ -288,3 +312,69 @@ class Worker:
         self.changes.ring()
         if state == DeliveryState.PENDING:
             self.wake()
+
+
+class _AssemblyProgress:
+    """One assembly's bookkeeping. While the batches are read, the users read so far are
+    recorded and the session's lease renewed about every second (operators see it move;
+    no other worker takes the session over). Then what was found is stored in a few
+    transactions, not one per batch: each commit is an fsync."""
+
+    EVERY = dt.timedelta(seconds=1)
+    GROUP = 200  # batches' findings per transaction, at most
+
+    def __init__(self, terms: Terms, tenant: str, key: str) -> None:
+        self.terms = terms
+        self.tenant = tenant
+        self.key = key
+        self.unique = 0
+        self._written: dt.datetime | None = None  # when progress was last written
+
+    def _due(self) -> dt.datetime | None:
+        now = self.terms.clock()
+        if self._written is not None and now - self._written < self.EVERY:
+            return None
+        self._written = now
+        return now
+
+    def counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The batches, progress recorded as they are read."""
+        read = 0
+        for batch in batches:
+            yield batch
+            read += batch.size
+            now = self._due()
+            if now is not None:
+                self._write(read, now)
+
+    def _write(self, read: int, now: dt.datetime) -> None:
+        with db.write_transaction(self.terms.engine) as conn:
+            store.record_assembly_progress(conn, self.tenant, self.key, read, now)
+            store.renew_assembly_lease(
+                conn, self.tenant, self.key, self.terms.worker, now + self.terms.lease
+            )
+
+    def store(self, findings: Iterator[Findings]) -> None:
+        """Store every batch's findings, a group of them per transaction."""
+        group: list[Findings] = []
+        for found in findings:
+            group.append(found)
+            self.unique += found.unique
+            if len(group) == self.GROUP or self._due() is not None:
+                self._store(group)
+                group = []
+        self._store(group)
+
+    def _store(self, group: list[Findings]) -> None:
+        if not group:
+            return
+        with db.write_transaction(self.terms.engine) as conn:
+            for found in group:
+                store.record_assembly(
+                    conn,
+                    self.tenant,
+                    self.key,
+                    found.sequence,
+                    repeated=found.repeated,
+                    canonical_digest=found.canonical_digest,
+                )

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Self
 
+import orjson
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
@@ -252,6 +253,11 @@ def run(attempt: Attempt) -> DeliveryState | None:
     return asyncio.run(attempt.run())
 
 
+def encoded(users: list[dict[str, Any]]) -> Iterator[bytes]:
+    """Users as assembly streams them: each one's JSON object."""
+    return (orjson.dumps(user) for user in users)
+
+
 def recorded(engine: Engine) -> tuple[Any, list[Any]]:
     with db.read_transaction(engine) as conn:
         (delivery,) = delivery_store.deliveries_of(conn, KEY.tenant, KEY.session_key)
@@ -262,7 +268,7 @@ def test_an_attempt_sends_every_chunk_and_settles_the_session(
     engine: Engine, clock: FakeClock
 ) -> None:
     provider = Scripted()
-    users = iter(make_users(5))
+    users = encoded(make_users(5))
     state = run(Attempt(terms(engine, clock), claim(engine, clock, 5), provider, "test", users))
     assert state is DeliveryState.SUCCEEDED
     assert provider.chunks == [1, 2, 3]
@@ -281,7 +287,7 @@ def test_a_chunk_over_its_timeout_is_retried_later(engine: Engine, clock: FakeCl
         claim(engine, clock, 3),
         provider,
         "test",
-        iter(make_users(3)),
+        encoded(make_users(3)),
     )
     assert run(attempt) is DeliveryState.PENDING
     assert provider.cancelled
@@ -297,7 +303,7 @@ def test_an_abort_stops_the_attempt_before_its_next_chunk(engine: Engine, clock:
             store.update_session(conn, KEY.tenant, KEY.session_key, state=SessionState.ABORTED)
 
     provider = Scripted(during=abort)
-    users = iter(make_users(6))
+    users = encoded(make_users(6))
     assert run(Attempt(terms(engine, clock), claim(engine, clock, 6), provider, "test", users)) is (
         DeliveryState.FAILED
     )
@@ -324,7 +330,7 @@ def test_a_lease_lost_mid_call_abandons_the_attempt_to_the_new_owner(
         clock.advance(seconds=LEASE.total_seconds() / 3)  # w1's renewal is due
 
     provider = Scripted(during=taken_over, hang=True)
-    users = iter(make_users(4))
+    users = encoded(make_users(4))
     assert run(Attempt(terms(engine, clock), claim(engine, clock, 4), provider, "test", users)) is (
         None
     )

@@ -14,7 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+import msgspec
+
 from ..destinations import DestinationConfig
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 @dataclass
@@ -32,11 +37,51 @@ class Segment:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
 class Chunk:
-    index: int  # from 1
-    last: bool
-    users: Sequence[Mapping[str, Any]]
+    """One chunk of a delivery: ``index`` from 1, whether it is the ``last``, and its users,
+    each both as the JSON object it was received as (``encoded``) and decoded (``users``).
+    Either is made from the other on first use, so a provider that sends users as
+    received (file, webhook) never pays for decoding them."""
+
+    __slots__ = ("_encoded", "_users", "index", "last")
+
+    def __init__(
+        self,
+        index: int,
+        last: bool,
+        users: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        encoded: Sequence[bytes] | None = None,
+    ) -> None:
+        if (users is None) == (encoded is None):
+            raise TypeError("a Chunk takes its users either decoded or encoded")
+        self.index = index
+        self.last = last
+        self._users = users
+        self._encoded = encoded
+
+    def __len__(self) -> int:
+        users = self._users if self._users is not None else self._encoded
+        assert users is not None
+        return len(users)
+
+    @property
+    def users(self) -> Sequence[Mapping[str, Any]]:
+        if self._users is None:
+            assert self._encoded is not None
+            self._users = _decode(b"[" + b",".join(self._encoded) + b"]")
+        return self._users
+
+    @property
+    def encoded(self) -> Sequence[bytes]:
+        """Each user's JSON object, on one line."""
+        if self._encoded is None:
+            assert self._users is not None
+            self._encoded = [_encode(user) for user in self._users]
+        return self._encoded
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.index}, last={self.last}, {len(self)} users)"
 
 
 @dataclass(frozen=True)

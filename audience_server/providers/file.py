@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio.to_thread
-import msgspec
 
 from ..destinations import DestinationConfig, OptionError
 from . import options as check
 from .base import Chunk, ChunkResult, PermanentError, Segment
-
-_encode = msgspec.json.Encoder().encode
 
 
 class FileProvider:
@@ -51,7 +48,8 @@ class FileProvider:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 segment.state["file"] = temp.open("wb")
             handle: IO[bytes] = segment.state["file"]
-            handle.write(b"".join(_encode(user) + b"\n" for user in chunk.users))
+            if len(chunk):
+                handle.write(b"\n".join(chunk.encoded) + b"\n")
             if chunk.last:
                 handle.flush()
                 os.fsync(handle.fileno())

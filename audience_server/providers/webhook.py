@@ -127,16 +127,17 @@ class WebhookProvider(HttpAdapter):
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
-        body = orjson.dumps(
+        head = orjson.dumps(
             {
                 "segmentName": segment.segment_name,
                 "name": segment.name,
                 "type": segment.type,
                 "sessionId": segment.session_id,
                 "chunk": {"index": chunk.index, "last": chunk.last},
-                "users": chunk.users,
             }
         )
+        # The users as received, spliced in as the last key: no decoding, no re-encoding.
+        body = b"".join((head[:-1], b',"users":[', b",".join(chunk.encoded), b"]}"))
         headers = {
             **self.headers,
             "Content-Type": "application/json",
