@@ -2,7 +2,8 @@
 batches of 10,000 users (~1% exact duplicates, within and across batches, their keys
 reordered), today's partitioned spill ("new") against the SQLite B-tree set it replaced
 ("old", as it was in 20024cb, BLAKE2b keys made user by user). Each run is a child
-process of its own, so its peak RSS is the assembly's alone; rounds interleave the two, the figures are medians.
+process of its own, so its peak RSS is the assembly's alone; rounds interleave the two,
+the figures are medians.
 "floor" only generates the batches: what both pay before any duplicate is looked for.
 
     .venv/bin/python -m bench.assembly [--sizes 200000,2000000,10000000] [--rounds 3]
