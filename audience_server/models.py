@@ -84,6 +84,8 @@ sessions = Table(
     Column("lease_owner", String(64), nullable=True),
     Column("lease_expires_at", UTCDateTime, nullable=True),
     Column("unique_users", BigInteger, nullable=True),
+    # Users assembly has read so far (NULL until it starts; the total once it ends).
+    Column("assembled_users", BigInteger, nullable=True),
     Column(
         "ended_at", UTCDateTime, nullable=True
     ),  # every delivery ended; retention counts from here

@@ -41,7 +41,8 @@ def session_view(
     sequences: list[int] | None = None,
     deliveries: Sequence[DeliveryRow] = (),
 ) -> dict[str, Any]:
-    """A session as SPEC §4 shows it; ``missingSequences`` only when ``sequences`` is given."""
+    """A session as SPEC §4 shows it, with assembly's progress; ``missingSequences`` only
+    when ``sequences`` is given."""
     state = effective_state(session.state, session.expires_at, now)
     reason = session.reason
     if state != session.state:  # overdue, not yet marked by the sweeper
@@ -56,6 +57,10 @@ def session_view(
         "totalUsers": session.total_users,
         "receivedBatches": session.received_batches,
         "receivedUsers": session.received_users,
+        # Assembly's progress: users read so far (null before it starts), then the unique
+        # users it found (null until it ends), which deliveries' usersSent count towards.
+        "assembledUsers": session.assembled_users,
+        "uniqueUsers": session.unique_users,
     }
     if sequences is not None:
         view["missingSequences"] = missing_sequences(

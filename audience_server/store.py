@@ -63,6 +63,7 @@ class SessionRow:
     lease_expires_at: dt.datetime | None
     unique_users: int | None
     ended_at: dt.datetime | None
+    assembled_users: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,17 @@ def get_session(conn: Connection, tenant: str, key: str) -> SessionRow | None:
 
 def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> None:
     conn.execute(update(sessions).where(_is_session(tenant, key)).values(**values))
+
+
+def record_assembly_progress(
+    conn: Connection, tenant: str, key: str, assembled_users: int, now: dt.datetime
+) -> None:
+    """How many of the session's users assembly has read so far, shown by status and
+    followed by ``upload --wait``. ``updated_at`` is left alone: it is the session's last
+    change of state or batches, which orders the session list and its cursors, and progress
+    written every few seconds would reshuffle pages being read (and rewrite its index each
+    time). ``now``, the caller's clock reading, dates nothing here for the same reason."""
+    update_session(conn, tenant, key, assembled_users=assembled_users)
 
 
 def overdue(now: dt.datetime) -> ColumnElement[bool]:

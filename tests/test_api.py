@@ -204,6 +204,7 @@ def test_example_upload_out_of_order_completes(client: TestClient, engine: Engin
     assert body["reason"] is None
     assert (body["totalBatches"], body["receivedBatches"]) == (3, 3)
     assert (body["totalUsers"], body["receivedUsers"]) == (25_000, 25_000)
+    assert (body["assembledUsers"], body["uniqueUsers"]) == (None, None)  # no worker here
     assert body["missingSequences"] == []
     assert body["sequenceBase"] == 1
     assert body["expiresAt"] is None

@@ -1,16 +1,20 @@
 """client/commands.py: ``audience-server upload``, ``status`` and ``sessions`` as subprocesses
 against real server processes: a large CSV, kill -9 half-way and resume, a flaky proxy, a
-conflict, and every input format."""
+conflict, every input format, and ``--wait`` following a held, a retried and a stalled
+delivery to a webhook receiver."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.server
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +23,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.helpers import eventually, form
+from tests.emulators.webhook import WebhookEmulator
+from tests.helpers import HOOK_SECRET, eventually, form
 from tests.servers import ServerProcess, clean_env
 
 pytestmark = pytest.mark.slow
@@ -321,3 +326,158 @@ def test_csv_ndjson_json_and_stdin_give_the_same_segment(
     assert delivered["ndjson"] == delivered["csv"]
     assert delivered["json"] == delivered["csv"]
     assert delivered["stdin"] == delivered["csv"]
+
+
+@contextlib.contextmanager
+def hook_server(
+    database_url: str, tmp_path: Path, hook: WebhookEmulator, **env: str
+) -> Iterator[ServerProcess]:
+    """A running server whose worker delivers to ``hook`` as destination ``crm``."""
+    toml = tmp_path / "destinations.toml"
+    toml.write_text(
+        f'[[destinations]]\nid = "crm"\nkind = "webhook"\nurl = "{hook.url}"\n'
+        'secret = "${HOOK_SECRET}"\n'
+    )
+    env = {"AUDIENCE_DESTINATIONS": str(toml), "HOOK_SECRET": HOOK_SECRET} | env
+    server = ServerProcess(
+        database_url, tmp_path / "server.log", AUDIENCE_WORKER_POLL="0.1s", **env
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class StderrLines:
+    """The lines a running command writes to stderr, read as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self.stream = process.stderr
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.stream:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        with self.cond:
+            found = self.cond.wait_for(
+                lambda: next((line for line in self.lines if text in line), None), timeout
+            )
+        assert found, f"no {text!r} on stderr within {timeout} s: {self.lines}"
+        return found
+
+
+def upload_process(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audience_server", "upload", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(AUDIENCE_LOG_LEVEL="WARNING"),
+    )
+
+
+def progress_lines(stderr: str) -> list[str]:
+    """--wait's lines, without their time prefix."""
+    return [line.split("] ", 1)[1] for line in stderr.splitlines() if line.startswith("[")]
+
+
+def test_wait_follows_a_held_delivery_until_it_succeeds(
+    database_url: str, tmp_path: Path, hook: WebhookEmulator
+) -> None:
+    source = write_csv(tmp_path / "held.csv", users(300))
+    hook.delay(120)  # the first chunk is held until released
+    with hook_server(database_url, tmp_path, hook) as server, upload_process(
+        str(source), "--name", "Held", "--url", server.url, "--session-id", "held-1",
+        "--batch-size", "100", "--wait",
+    ) as process:  # fmt: skip
+        try:
+            stderr = StderrLines(process)
+            stderr.wait_for("delivering: crm 0 of 300 users")
+            assert process.poll() is None  # still waiting on the held chunk
+            hook.release()
+            assert process.wait(60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+        stderr.thread.join(10)
+        assert process.stdout is not None
+        stdout = process.stdout.read()
+    shown = progress_lines("\n".join(stderr.lines))
+    assert shown[-1] == "delivered: crm succeeded (300 users)", shown
+    assert "delivering: crm 0 of 300 users" in shown
+    assert len(shown) == len(set(shown))  # a line per change, none repeated
+    assert "state     delivered" in stdout and "unique    300" in stdout
+    assert len(hook.wait_for_segment("held-1")) == 300
+
+
+def test_wait_outlasts_its_timeout_while_retries_make_progress(
+    database_url: str, tmp_path: Path, hook: WebhookEmulator
+) -> None:
+    """Six 503s, each asking for a retry a second later: at least 6 s of retrying, longer
+    than the 4 s --wait-timeout, yet each attempt is progress, so --wait sees it to the end."""
+    source = write_csv(tmp_path / "retried.csv", users(200))
+    hook.fail(503, times=6, retry_after="1")
+    retries = {"AUDIENCE_DELIVERY_RETRY_BASE": "0.5s", "AUDIENCE_DELIVERY_RETRY_CAP": "0.5s"}
+    with hook_server(database_url, tmp_path, hook, **retries) as server, upload_process(
+        str(source), "--name", "Retried", "--url", server.url, "--session-id", "retried-1",
+        "--wait", "--wait-timeout", "4",
+    ) as process:  # fmt: skip
+        try:
+            hook.wait_until(lambda: len(hook.rejected) >= 1, timeout=60)
+            first_failure = time.monotonic()
+            _, stderr = process.communicate(timeout=120)
+            retrying = time.monotonic() - first_failure
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, stderr
+    assert retrying > 4  # --wait went on past its timeout, since every attempt is progress
+    assert len(hook.rejected) == 6 and len(hook.requests) == 1
+    shown = progress_lines(stderr)
+    assert shown[-1] == "delivered: crm succeeded (200 users)"
+    # Polled every 0.5 s, --wait sees the seven attempts come and go, in order.
+    seen = [int(n) for line in shown for n in re.findall(r"\(attempt (\d+)\)", line)]
+    assert seen == sorted(seen) and len(set(seen)) >= 4, shown
+
+
+def test_wait_gives_up_on_a_stalled_delivery_with_exit_4(
+    database_url: str, tmp_path: Path, hook: WebhookEmulator
+) -> None:
+    source = write_csv(tmp_path / "stalled.csv", users(300))
+    hook.delay(300)  # held well past the test; the emulator's close ends it
+    with hook_server(database_url, tmp_path, hook) as server:
+        started = time.monotonic()
+        done = cli(
+            str(source), "--name", "Stalled", "--url", server.url, "--session-id", "stall-1",
+            "--wait", "--wait-timeout", "1.5",
+        )  # fmt: skip
+        took = time.monotonic() - started
+        body = status(server, "stall-1")
+        hook.release()  # so that the server stops at once, its delivery done
+    assert done.returncode == 4, done.stderr
+    assert took < 60
+    assert (
+        "audience-server: uploaded; the deliveries had not ended when --wait gave up after "
+        "1.5 s without progress; follow with `audience-server status stall-1`"
+    ) in done.stderr
+    assert progress_lines(done.stderr)[-1] == "delivering: crm 0 of 300 users"
+    assert "state     delivering" in done.stdout
+    assert (body["state"], body["uniqueUsers"]) == ("delivering", 300)
+    assert body["deliveries"][0]["state"] == "running"
+
+
+def test_a_wait_timeout_that_is_not_positive_is_refused(tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "u.csv", users(3))
+    for bad in ("0", "-1", "nan"):
+        done = cli(str(source), "--name", "N", "--url", "http://127.0.0.1:9", "--wait",
+                   "--wait-timeout", bad)  # fmt: skip
+        assert done.returncode == 2 and "--wait-timeout must be > 0" in done.stderr

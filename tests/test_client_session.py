@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
-from audience_server.client import status, upload
+from audience_server.client import AudienceClient, status, upload, wait
 from audience_server.client.errors import InputError, SessionFailed
 from audience_server.client.session import batch_count, make_batches, missing_of
 from tests.servers import ServerProcess
@@ -45,6 +46,69 @@ def test_nothing_to_upload_is_an_input_error_before_any_request() -> None:
         upload([], name="Empty", url=nowhere)
     with pytest.raises(InputError, match="holds no users"):
         upload(iter([]), name="Empty", url=nowhere)
+
+
+class Ticks:
+    """Monotonic time the test owns: the client's sleeps move it, nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def server_at(ticks: Ticks, body: Callable[[float], dict[str, Any] | None]) -> AudienceClient:
+    """A client of a server whose status body at each moment is ``body(seconds waited)``."""
+    started = ticks.now
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        found = body(ticks.now - started)
+        return httpx2.Response(404) if found is None else httpx2.Response(200, json=found)
+
+    return AudienceClient(transport=httpx2.MockTransport(answer), sleep=ticks.sleep)
+
+
+def assembling(users: int, state: str = "complete") -> dict[str, Any]:
+    return session(state, totalUsers=10_000_000, assembledUsers=users, deliveries=[])
+
+
+def test_wait_goes_on_while_the_server_progresses_however_long_it_takes() -> None:
+    """An assembly of 10^7 users moving every 500 s of 3,000 outlasts a 600 s timeout."""
+    ticks, seen = Ticks(), list[dict[str, Any]]()
+
+    def body(waited: float) -> dict[str, Any]:
+        if waited >= 3_000:
+            return assembling(10_000_000, "delivered")
+        return assembling(int(waited // 500) * 1_000_000)
+
+    client = server_at(ticks, body)
+    found = wait(client, "s", 600, poll=1.0, clock=ticks, on_progress=seen.append)
+    assert found["state"] == "delivered" and ticks.now - 1_000.0 == 3_000.0
+    assert [s["assembledUsers"] for s in seen] == [i * 1_000_000 for i in range(6)] + [10**7]
+
+
+def test_wait_gives_up_after_its_timeout_without_progress() -> None:
+    ticks, seen = Ticks(), list[dict[str, Any]]()
+
+    def body(waited: float) -> dict[str, Any]:  # moves once, at 250 s, then stalls
+        return assembling(0 if waited < 250 else 4_000_000)
+
+    client = server_at(ticks, body)
+    found = wait(client, "s", 600, poll=1.0, clock=ticks, on_progress=seen.append)
+    assert (found["state"], found["assembledUsers"]) == ("complete", 4_000_000)
+    assert ticks.now - 1_000.0 == 250 + 600  # 600 s after the last change, not after the start
+    assert [s["assembledUsers"] for s in seen] == [0, 4_000_000]
+
+
+def test_wait_for_a_session_the_server_does_not_have_fails() -> None:
+    ticks = Ticks()
+    with pytest.raises(SessionFailed, match="session gone does not exist on the server"):
+        wait(server_at(ticks, lambda waited: None), "gone", 600, clock=ticks)
+    assert ticks.now == 1_000.0
 
 
 @pytest.fixture

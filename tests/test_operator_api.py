@@ -54,8 +54,9 @@ def test_status_shows_progress_and_missing_sequences(client: TestClient) -> None
     assert body["createdAt"] == "2026-11-28T12:00:00Z"
     assert list(body) == [
         "sessionId", "name", "type", "state", "reason", "totalBatches", "totalUsers",
-        "receivedBatches", "receivedUsers", "missingSequences", "sequenceBase", "createdAt",
-        "updatedAt", "expiresAt", "deliveries",
+        "receivedBatches", "receivedUsers", "assembledUsers", "uniqueUsers",
+        "missingSequences", "sequenceBase", "createdAt", "updatedAt", "expiresAt",
+        "deliveries",
     ]  # fmt: skip
 
 

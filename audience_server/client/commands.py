@@ -18,6 +18,7 @@ from ..retry import RetryPolicy
 from ..states import SessionState
 from .errors import InputError, Unreachable, UploadError
 from .http import DEFAULT_URL, AudienceClient
+from .progress import WaitProgress
 from .readers import FORMATS, Source
 from .session import DEFAULT_BATCH_SIZE, Plan, upload_source, wait
 from .spool import chunks_of, spool
@@ -27,6 +28,7 @@ EXIT_OK = 0  # every batch acknowledged; the session complete (or delivered, whe
 EXIT_FAILED = 1  # the server refused a batch (4xx), or the session ended badly
 EXIT_USAGE = 2  # bad arguments, unreadable input, or input that differs from its state file
 EXIT_UNREACHABLE = 3  # transient failures outlasted the retries: re-run the command to resume
+EXIT_WAIT_TIMEOUT = 4  # uploaded, but --wait saw no progress for --wait-timeout s: not ended
 EXIT_INTERRUPTED = 130  # Ctrl-C: re-run the same command to resume
 
 
@@ -74,6 +76,10 @@ def _describe(status: dict[str, Any]) -> str:
         ("batches", f"{status['receivedBatches']:,}/{status['totalBatches']:,}"),
         ("users", f"{status['receivedUsers']:,}/{status['totalUsers']:,}"),
     ]
+    if status.get("assembledUsers") is not None:
+        fields.append(("assembled", f"{status['assembledUsers']:,}/{status['totalUsers']:,}"))
+    if status.get("uniqueUsers") is not None:
+        fields.append(("unique", f"{status['uniqueUsers']:,}"))
     missing = status.get("missingSequences")
     if missing:
         shown = ", ".join(str(n) for n in missing[:20]) + (" ..." if len(missing) > 20 else "")
@@ -130,6 +136,9 @@ def _upload(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.concurrency < 1:
             print("audience-server: --batch-size and --concurrency must be >= 1", file=sys.stderr)
             return EXIT_USAGE
+        if not args.wait_timeout > 0:  # NaN too
+            print("audience-server: --wait-timeout must be > 0", file=sys.stderr)
+            return EXIT_USAGE
         # The upload command's options are named as the plan's fields.
         plan = Plan(**{option.name: getattr(args, option.name) for option in fields(Plan)})
         spooled: IO[bytes] | None = None
@@ -156,7 +165,13 @@ def _upload(args: argparse.Namespace) -> int:
                 )
                 status = result.status
                 if args.wait:
-                    status = wait(client, result.session_id, args.wait_timeout)
+                    shown = WaitProgress(sys.stderr)
+                    try:
+                        status = wait(
+                            client, result.session_id, args.wait_timeout, on_progress=shown.show
+                        )
+                    finally:
+                        shown.close()
         finally:
             if spooled is not None:
                 spooled.close()
@@ -167,8 +182,17 @@ def _upload(args: argparse.Namespace) -> int:
         print(_describe(status))
         if args.sync or args.wait:
             if status["state"] not in states.ENDED:
-                print("audience-server: deliveries have not ended yet", file=sys.stderr)
-                return EXIT_UNREACHABLE
+                gave_up = (
+                    f"--wait gave up after {args.wait_timeout:g} s without progress"
+                    if args.wait
+                    else "--sync returned"
+                )
+                print(
+                    f"audience-server: uploaded; the deliveries had not ended when {gave_up}; "
+                    f"follow with `audience-server status {result.session_id}`",
+                    file=sys.stderr,
+                )
+                return EXIT_WAIT_TIMEOUT
             if status["state"] != SessionState.DELIVERED:
                 print(f"audience-server: session ended {status['state']}", file=sys.stderr)
                 return EXIT_FAILED
@@ -224,17 +248,26 @@ def _sessions_command(args: argparse.Namespace) -> int:
     return _client_errors(run)
 
 
+UPLOAD_EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}    every batch acknowledged and the session complete (delivered, with --sync/--wait)
+  {EXIT_FAILED}    the server refused a batch, or the session ended badly
+  {EXIT_USAGE}    bad arguments, unreadable input, or input changed since its state file
+  {EXIT_UNREACHABLE}    the server stayed unreachable through the retries (re-run to resume)
+  {EXIT_WAIT_TIMEOUT}    uploaded; the deliveries had not ended when --wait gave up (no progress
+       for --wait-timeout s); follow with `audience-server status ID`
+  {EXIT_INTERRUPTED}  interrupted (re-run to resume)
+"""
+
+
 def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``upload``, ``status`` and ``sessions``: the HTTP client side of the command."""
     upload = commands.add_parser(
         "upload",
         help="upload a CSV / NDJSON / JSON file of users as one session (resumable)",
-        description=(
-            "Exit codes: 0 every batch acknowledged and the session complete (delivered, "
-            "with --sync/--wait); 1 the server refused a batch or the session ended badly; "
-            "2 bad arguments, unreadable input, or input that changed since its state file; "
-            "3 the server stayed unreachable (re-run to resume); 130 interrupted (re-run)."
-        ),
+        description="Upload a file of users as one session; re-run the command to resume.",
+        epilog=UPLOAD_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     upload.add_argument(
         "file", help="the users: CSV with a header row, NDJSON, a JSON array; - is stdin"
@@ -248,8 +281,18 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     upload.add_argument(
         "--sync", action="store_true", help="the completing batch waits for delivery"
     )
-    upload.add_argument("--wait", action="store_true", help="poll until deliveries have ended")
-    upload.add_argument("--wait-timeout", type=float, default=600.0, help="seconds (default 600)")
+    upload.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the server's progress until deliveries have ended",
+    )
+    upload.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with --wait: give up (exit 4) after this long without progress (default 600)",
+    )
     upload.add_argument("--disable-prefix", action="store_true", help="no segment name prefix")
     upload.add_argument("--concurrency", type=int, default=1, help="batches in flight at once")
     upload.add_argument("--format", choices=FORMATS, help="default: detected")

@@ -1,12 +1,15 @@
-"""The progress shown while batches go out: a bar on a terminal, plain lines otherwise."""
+"""The progress shown while batches go out, and while ``--wait`` follows the server's work
+on the session: rewritten in place on a terminal, plain lines otherwise."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Hashable
+from typing import Any, TextIO
+
+from ..states import DeliveryState, SessionState
 
 
 def _duration(seconds: float) -> str:
@@ -80,5 +83,83 @@ class Progress:
 
     def close(self) -> None:
         if self.tty and self.batches:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def progress_key(status: dict[str, Any]) -> Hashable:
+    """What changes while the server works on a session: its state, the users assembled, and
+    each delivery's state, attempts and users sent. ``--wait`` gives up only once this has
+    stayed the same for its whole timeout."""
+    deliveries = tuple(
+        (d["destination"], d["state"], d["attempts"], d["usersSent"])
+        for d in status.get("deliveries") or ()
+    )
+    return status["state"], status.get("assembledUsers"), deliveries
+
+
+def _delivery_line(delivery: dict[str, Any], unique: int | None) -> str:
+    """One delivery's part of the line; ``(attempt N)`` names the attempt it is on or waits
+    to make, shown from the second on."""
+    name, state, attempts = delivery["destination"], delivery["state"], delivery["attempts"]
+    sent = delivery["usersSent"]
+    if state == DeliveryState.RUNNING:
+        of = f" of {unique:,}" if unique is not None else ""
+        again = f" (attempt {attempts})" if attempts > 1 else ""
+        return f"{name} {sent:,}{of} users{again}"
+    if state == DeliveryState.PENDING:  # not yet claimed, or its retry is due later
+        return f"{name} pending (attempt {attempts + 1})" if attempts else f"{name} pending"
+    if state == DeliveryState.SUCCEEDED:
+        return f"{name} succeeded ({sent:,} users)"
+    return f"{name} {state} after {attempts} attempt{'s' if attempts != 1 else ''}"
+
+
+def describe_progress(status: dict[str, Any]) -> str:
+    """The session's progress in one line: ``assembling: 4,000,000 of 10,000,000 users``,
+    ``delivering: file 3,100,000 of 9,900,557 users, crm pending (attempt 2)``."""
+    state = status["state"]
+    if state == SessionState.RECEIVING:
+        return f"receiving: {status['receivedUsers']:,} of {status['totalUsers']:,} users"
+    if state == SessionState.COMPLETE:
+        assembled = status.get("assembledUsers")
+        if assembled is None:
+            return f"complete: waiting for assembly of {status['totalUsers']:,} users"
+        return f"assembling: {assembled:,} of {status['totalUsers']:,} users"
+    deliveries = status.get("deliveries") or []
+    if deliveries:
+        unique = status.get("uniqueUsers")
+        return f"{state}: " + ", ".join(_delivery_line(d, unique) for d in deliveries)
+    reason = status.get("reason")
+    return f"{state}: {reason}" if reason else state
+
+
+class WaitProgress:
+    """The session's progress while ``--wait`` follows it, shown on each change: one line
+    per change, or one line rewritten in place on a terminal; each with the time waited."""
+
+    def __init__(
+        self,
+        stream: TextIO = sys.stderr,
+        *,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.clock = clock
+        self.started = clock()
+        self.shown = False
+
+    def show(self, status: dict[str, Any]) -> None:
+        line = f"[{_duration(self.clock() - self.started)}] {describe_progress(status)}"
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        else:
+            self.stream.write(f"{line}\n")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.tty and self.shown:
             self.stream.write("\n")
             self.stream.flush()

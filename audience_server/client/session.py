@@ -4,14 +4,15 @@ that with some concurrency, keeping the resume state and progress current, and w
     upload(users, ...)            the Python entry: a list as it is, any other iterable spooled
     upload_source(client, ...)    a file or a spooled stream: count, resume state, then
       upload_session(...)         what the server misses, sent, until the session is complete
-    wait(client, ...)             poll until nothing more will happen to the session
+    wait(client, ...)             poll until nothing more will happen to the session, or
+                                  until the server has made no progress for a while
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as first_done
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..retry import RetryPolicy
 from ..states import SessionState
 from .errors import InputError, SessionFailed
 from .http import DEFAULT_URL, AudienceClient, Batch
-from .progress import Progress
+from .progress import Progress, progress_key
 from .readers import Source, detect_format, fingerprint, read_users
 from .spool import ndjson_of, spool
 from .state import State, resumed, save_state
@@ -35,6 +36,7 @@ NO_USERS = "the input holds no users."
 
 OnBatch = Callable[[int, int], None]  # (sequence, users) once the server acknowledged it
 OnPlan = Callable[[int, int], None]  # (batches the server has, batches it misses)
+OnProgress = Callable[[dict[str, Any]], None]  # a session status that differs from the last
 
 
 @dataclass(frozen=True)
@@ -338,14 +340,29 @@ def status(
 
 
 def wait(
-    client: AudienceClient, session_id: str, timeout: float, poll: float = 0.5
+    client: AudienceClient,
+    session_id: str,
+    timeout: float,
+    poll: float = 0.5,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Any]:
-    """Poll the session until its deliveries have ended, or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
+    """Poll the session until nothing more will happen to it by itself, or until the server
+    has made no progress (``progress.progress_key``) for ``timeout`` seconds: a segment
+    that takes an hour to assemble is still waited for. Returns the last status read
+    (still going on when it gave up); ``on_progress`` is given each status that changed."""
+    seen: Hashable = None
+    changed_at = clock()
     while True:
         found = client.status(session_id)
         if found is None:
             raise SessionFailed(f"session {session_id} does not exist on the server.")
-        if found["state"] in states.ENDED | states.REFUSING or time.monotonic() > deadline:
+        key = progress_key(found)
+        if key != seen:
+            seen, changed_at = key, clock()
+            if on_progress is not None:
+                on_progress(found)
+        if found["state"] in states.ENDED | states.REFUSING or clock() - changed_at >= timeout:
             return found
         client.sleep(poll)
