@@ -369,3 +369,25 @@ def session_events(conn: Connection, tenant: str, key: str) -> list[EventRow]:
         .order_by(events.c.id)
     )
     return [EventRow(at, EventKind(kind), detail) for at, kind, detail in conn.execute(stmt)]
+
+
+def renew_assembly_lease(
+    conn: Connection, tenant: str, key: str, owner: str, until: dt.datetime
+) -> bool:
+    """Extend an assembly's lease while ``owner`` still holds it; False when it does not."""
+    result = conn.execute(
+        update(sessions)
+        .where(_is_session(tenant, key), sessions.c.lease_owner == owner)
+        .values(lease_expires_at=until)
+    )
+    return result.rowcount == 1
+
+
+def release_assembly_leases(conn: Connection, owner: str) -> int:
+    """Free the assemblies ``owner`` holds (it is known dead); how many."""
+    result = conn.execute(
+        update(sessions)
+        .where(sessions.c.lease_owner == owner, sessions.c.state == SessionState.COMPLETE)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+    return result.rowcount
