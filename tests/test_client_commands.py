@@ -471,7 +471,7 @@ def test_wait_gives_up_on_a_stalled_delivery_with_exit_4(
     ) in done.stderr
     assert progress_lines(done.stderr)[-1] == "delivering: crm 0 of 300 users"
     assert "state     delivering" in done.stdout
-    assert (body["state"], body["uniqueUsers"]) == ("delivering", 300)
+    assert (body["state"], body["assembledUsers"], body["uniqueUsers"]) == ("delivering", 300, 300)
     assert body["deliveries"][0]["state"] == "running"
 
 

@@ -81,5 +81,6 @@ def test_a_delivered_session_shows_its_unique_users_and_each_delivery_the_users_
         assert upload(client, "dups", sent, 10, "?sync=true").status_code == 200
         body = status(client, "dups")
     assert (body["state"], body["receivedUsers"], body["uniqueUsers"]) == ("delivered", 42, 40)
+    assert body["assembledUsers"] == 42  # every user read, repeats too
     (delivery,) = body["deliveries"]
     assert (delivery["state"], delivery["usersSent"]) == ("succeeded", 40)
