@@ -87,28 +87,38 @@ def find_duplicates(
         seen.close()
 
 
-def unique_users(batches: Iterable[Batch]) -> Iterator[bytes]:
-    """The users of the batches in order, without the repeats assembly found, each as the
-    JSON object it was received as (made compact when it spans lines: NDJSON needs one)."""
+def unique_users(batches: Iterable[Batch]) -> Iterator[list[bytes]]:
+    """Each batch's users in order, without the repeats assembly found, each as the JSON
+    object it was received as (made compact when it spans lines: NDJSON needs one line)."""
     for batch in batches:
-        skip = set(batch.repeated)
-        for index, item in enumerate(_items(batch.users_json)):
-            if index not in skip:
-                user = bytes(item)
-                yield _compact(_decode(user)) if b"\n" in user or b"\r" in user else user
-        del batch  # before the next one is read
+        items = _items(batch.users_json)
+        if batch.repeated:
+            skip = set(batch.repeated)
+            items = [item for index, item in enumerate(items) if index not in skip]
+        users = list(map(bytes, items))
+        if b"\n" in batch.users_json or b"\r" in batch.users_json:  # rare: pretty-printed
+            users = [_one_line(user) for user in users]
+        del batch, items  # before the next one is read
+        yield users
 
 
-def chunked(users: Iterator[bytes], size: int, total: int) -> Generator[Chunk, None, None]:
-    """Chunks of ``size`` users, numbered from 1; ``total`` users in all marks the last."""
+def _one_line(user: bytes) -> bytes:
+    return _compact(_decode(user)) if b"\n" in user or b"\r" in user else user
+
+
+def chunked(batches: Iterator[list[bytes]], size: int, total: int) -> Generator[Chunk, None, None]:
+    """The users of ``batches`` in chunks of ``size``, numbered from 1; ``total`` users in
+    all marks the last."""
     index = sent = 0
-    chunk: list[bytes] = []
-    for user in users:
-        chunk.append(user)
-        if len(chunk) == size:
+    pending: list[bytes] = []
+    for users in batches:
+        pending += users
+        start = 0
+        while len(pending) - start >= size:
             index += 1
             sent += size
-            yield Chunk(index, sent == total, encoded=chunk)
-            chunk = []
-    if chunk or index == 0:
-        yield Chunk(index + 1, True, encoded=chunk)
+            yield Chunk(index, sent == total, encoded=pending[start : start + size])
+            start += size
+        pending = pending[start:]
+    if pending or index == 0:
+        yield Chunk(index + 1, True, encoded=pending)

@@ -83,7 +83,7 @@ class Attempt:
     claim: Claim
     provider: Provider
     kind: str
-    users: Iterator[bytes]  # each user's JSON object, as received
+    users: Iterator[list[bytes]]  # batch by batch, each user's JSON object as received
     sent: int = field(default=0, init=False)  # users sent so far
     invalid: int = field(default=0, init=False)  # of those, how many the platform refused
 

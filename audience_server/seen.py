@@ -1,69 +1,109 @@
 """The keys of one session's users, and which of them repeat an earlier one: hash
-partitions spilled to throwaway files in the worker's scratch folder.
+partitions spilled to throwaway files in the worker's scratch folder, worked on with numpy.
 
-Each key is appended with its position (its user's place among the session's users) as a
-fixed-size record to one of 256 partition files chosen by the key's first byte. Then each
-partition is read back in order into a set of the keys met so far in it: a key already in
-the set repeats an earlier position (equal keys share a partition, and a partition keeps
-the order they were met in). A partition with more distinct keys than ``keys_in_memory``
-is split again by the key's next byte, carrying the keys already met ahead of the records
-left. Every key is written and read a constant number of times, so the cost per user does
-not grow with the segment, and memory is bounded by the set and the buffers whatever its
-size. ``close()`` removes the folder with everything in it.
+Each 16-byte key is appended with its position (its user's place among the session's
+users) as a 24-byte record to one of 256 partition files chosen by the key's first byte;
+records wait in a memory buffer and are partitioned a buffer at a time. Then each
+partition is read back whole and sorted by (key, position): a record whose key equals the
+one before it repeats an earlier position (equal keys share a partition). A partition
+holding more than ``keys_in_memory`` records is first split again by the key's next byte
+(equal keys still share a part), so memory is bounded by that budget and the buffers
+whatever the segment's size; every key is written and read a constant number of times, so
+the cost per user does not grow with it. The repeats come back in ascending order through
+bucket files of 2^20 positions. ``close()`` removes the folder with everything in it.
 """
 
 from __future__ import annotations
 
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
-_RECORD = struct.Struct("<16sQ")  # a key, and the position it was met at
-_CARRIED = 2**64 - 1  # the position of a key carried into a split: met before the rest
-_READ_RECORDS = 8192  # records read at a time
-_SPAN_BITS = 20  # positions per bucket of repeats, whose flags then take 1 MiB
-_OFFSET = struct.Struct("<I")  # a repeat's position within its bucket
+import numpy as np
+import numpy.typing as npt
+
+# A key as two integers (its bytes read big-endian, so byte d of the key is byte d of the
+# pair, counted from the top), and its position. Native byte order throughout: numpy's
+# concatenate makes fields native, so a record written must be native to be read back.
+_RECORD = np.dtype([("hi", "=u8"), ("lo", "=u8"), ("position", "=u8")])
+_KEY_BYTES = 16
+_SPAN_BITS = 20  # positions per bucket of repeats
+_Records = npt.NDArray[Any]  # of _RECORD, or of positions
+_Numbers = npt.NDArray[np.unsignedinteger[Any]]  # the file each record goes to
 
 
-class _Files:
-    """Numbered files in a folder, appended to through memory buffers that are written
-    out together once they hold ``budget`` bytes, so no file stays open however many."""
+class _Spill:
+    """Records filed under numbers, in ONE file: appended through a memory buffer that is
+    written out, sorted by number, once it holds ``budget`` bytes, each number's stretch
+    of it indexed. Opening a file per number costs more than the rest (measured: half a
+    millisecond an open, hundreds per buffer), and one file holds any number of them."""
 
-    def __init__(self, folder: Path, budget: int) -> None:
-        folder.mkdir()
-        self.folder = folder
-        self.budget = budget
-        self.buffers: dict[int, bytearray] = {}
-        self.buffered = 0
-        self.written: set[int] = set()
+    def __init__(self, path: Path, budget: int, dtype: np.dtype[Any]) -> None:
+        self.path = path
+        self.file = path.open("w+b")
+        self.budget = max(budget, dtype.itemsize)
+        self.dtype = dtype
+        self._pending: list[tuple[_Numbers, _Records]] = []
+        self._buffered = 0
+        self._stretches: dict[int, list[tuple[int, int]]] = {}  # number: (offset, records)
+        self._end = 0
 
-    def path(self, number: int) -> Path:
-        return self.folder / str(number)
-
-    def append(self, number: int, data: bytes) -> None:
-        buffer = self.buffers.get(number)
-        if buffer is None:
-            buffer = self.buffers[number] = bytearray()
-        buffer += data
-        self.buffered += len(data)
-        if self.buffered >= self.budget:
+    def append(self, numbers: _Numbers, records: _Records) -> None:
+        """File each record under its number (the records of a number keep their order)."""
+        self._pending.append((numbers, records))
+        self._buffered += records.nbytes
+        if self._buffered >= self.budget:
             self.flush()
 
     def flush(self) -> None:
-        for number, buffer in self.buffers.items():
-            if buffer:
-                with self.path(number).open("ab") as file:
-                    file.write(buffer)
-                self.written.add(number)
-        self.buffers.clear()
-        self.buffered = 0
+        if not self._pending:
+            return
+        numbers = np.concatenate([n for n, _ in self._pending])
+        records = np.concatenate([r for _, r in self._pending])
+        self._pending.clear()
+        self._buffered = 0
+        order = np.argsort(numbers, kind="stable")  # stable: each number keeps its order
+        numbers, records = numbers[order], records[order]
+        present, starts, counts = np.unique(numbers, return_index=True, return_counts=True)
+        self.file.seek(self._end)
+        records.tofile(self.file)
+        size = self.dtype.itemsize
+        for number, start, count in zip(
+            present.tolist(), starts.tolist(), counts.tolist(), strict=True
+        ):
+            self._stretches.setdefault(number, []).append((self._end + start * size, count))
+        self._end += records.nbytes
 
     def numbers(self) -> list[int]:
-        """The files written so far (all that was appended, once flushed), in order."""
-        return sorted(self.written)
+        """The numbers filed so far (all that was appended, once flushed), in order."""
+        self.flush()
+        return sorted(self._stretches)
+
+    def count(self, number: int) -> int:
+        return sum(count for _, count in self._stretches.get(number, []))
+
+    def read(self, number: int, at_most: int | None = None) -> Iterator[_Records]:
+        """The records of ``number`` in order, ``at_most`` at a time (by default, all)."""
+        for offset, count in self._stretches.get(number, []):
+            done = 0
+            while done < count:
+                take = count - done if at_most is None else min(at_most, count - done)
+                self.file.seek(offset + done * self.dtype.itemsize)
+                yield np.fromfile(self.file, dtype=self.dtype, count=take)
+                done += take
+
+    def read_all(self, number: int) -> _Records:
+        parts = list(self.read(number))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [self._empty()])
+
+    def _empty(self) -> _Records:
+        return np.empty(0, dtype=self.dtype)
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class SeenUsers:
@@ -73,102 +113,89 @@ class SeenUsers:
     def __init__(
         self,
         directory: Path | None = None,
-        keys_in_memory: int = 1 << 16,
-        buffer_bytes: int = 4 << 20,
+        keys_in_memory: int = 1 << 20,
+        buffer_bytes: int = 8 << 20,
     ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="seen-", dir=directory))
         self.keys_in_memory = max(1, keys_in_memory)
         self.buffer_bytes = buffer_bytes
         self.count = 0  # keys added so far: the position of the next one
-        self._partitions = _Files(self.folder / "keys", buffer_bytes)
+        self._partitions = _Spill(self.folder / "keys", buffer_bytes, _RECORD)
         self._splits = 0
 
     def add(self, keys: Sequence[bytes]) -> None:
         """Append 16-byte keys at the next positions."""
-        partitions = self._partitions
-        buffers = partitions.buffers
-        pack = _RECORD.pack
-        position = self.count
-        for key in keys:
-            buffer = buffers.get(key[0])
-            if buffer is None:
-                buffer = buffers[key[0]] = bytearray()
-            buffer += pack(key, position)
-            position += 1
-        partitions.buffered += _RECORD.size * (position - self.count)
-        self.count = position
-        if partitions.buffered >= partitions.budget:
-            partitions.flush()
+        if not keys:
+            return
+        records = np.empty(len(keys), dtype=_RECORD)
+        raw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
+        as_words = raw.view(">u8")
+        records["hi"] = as_words[:, 0]
+        records["lo"] = as_words[:, 1]
+        records["position"] = np.arange(self.count, self.count + len(keys), dtype=np.uint64)
+        self.count += len(keys)
+        self._partitions.append(raw[:, 0].copy(), records)
 
     def repeats(self) -> Iterator[int]:
         """The positions, ascending, whose key was met at an earlier position (call once,
         after the last ``add``)."""
-        self._partitions.flush()
-        found = _Files(self.folder / "repeats", self.buffer_bytes)
-        for number in self._partitions.numbers():
-            self._find(self._partitions.path(number), 1, found)
-        found.flush()
-        # Positions are found partition by partition; bucketed by their high bits, each
-        # bucket is put in order through flags, one per position of its span.
-        span = 1 << _SPAN_BITS
-        for bucket in found.numbers():
-            path = found.path(bucket)
-            flags = bytearray(span)
-            for (offset,) in _OFFSET.iter_unpack(path.read_bytes()):
-                flags[offset] = 1
-            path.unlink()
-            base = bucket << _SPAN_BITS
-            offset = flags.find(1)
-            while offset != -1:
-                yield base + offset
-                offset = flags.find(1, offset + 1)
+        found = _Spill(self.folder / "repeats", self.buffer_bytes, np.dtype("=u8"))
+        try:
+            for number in self._partitions.numbers():
+                self._find(self._partitions, number, 1, found)
+            self._partitions.close()
+            for bucket in found.numbers():
+                yield from np.sort(found.read_all(bucket)).tolist()
+        finally:
+            found.close()
 
-    def _find(self, path: Path, depth: int, found: _Files) -> None:
-        """Record the repeats among one partition file's records (keys sharing their first
-        ``depth`` bytes), splitting what is left of it if its set grows too large."""
-        met: set[bytes] = set()
-        mask = (1 << _SPAN_BITS) - 1
-        with path.open("rb") as file:
-            # A first-level file too large to fit is split whole, before any set is built:
-            # the many distinct keys it surely holds are not carried. Later splits happen
-            # when the set fills, so a file of many equal keys is not split again and again.
-            if depth == 1 and path.stat().st_size > _RECORD.size * self.keys_in_memory:
-                self._split(file, met, depth, found)
-            while chunk := file.read(_RECORD.size * _READ_RECORDS):
-                for key, position in _RECORD.iter_unpack(chunk):
-                    if key in met:  # never a carried key: those come first, each once
-                        found.append(position >> _SPAN_BITS, _OFFSET.pack(position & mask))
-                    else:
-                        met.add(key)
-                # Keys of a file at depth 16 are all equal, so a split happens before that.
-                if len(met) >= self.keys_in_memory:
-                    self._split(file, met, depth, found)
-                    break
-        path.unlink()
+    def _find(self, spill: _Spill, number: int, depth: int, found: _Spill) -> None:
+        """Record the repeats among one number's records (keys sharing their first
+        ``depth`` bytes), splitting them by the next byte first if over the budget."""
+        if spill.count(number) > self.keys_in_memory:
+            if depth < _KEY_BYTES:
+                self._split(spill, number, depth, found)
+            else:
+                self._all_equal(spill, number, found)
+            return
+        records = spill.read_all(number)
+        # Sorted by key, then position: the first of each run of equal keys is the one met
+        # first, every other one repeats it.
+        order = np.lexsort((records["position"], records["lo"], records["hi"]))
+        records = records[order]
+        repeated = (records["hi"][1:] == records["hi"][:-1]) & (
+            records["lo"][1:] == records["lo"][:-1]
+        )
+        _found(found, records["position"][1:][repeated])
 
-    def _split(self, rest: BinaryIO, met: set[bytes], depth: int, found: _Files) -> None:
-        """Partition the keys met and the records left by the key's byte at ``depth``,
-        the keys met first, and find the repeats in each part."""
+    def _all_equal(self, spill: _Spill, number: int, found: _Spill) -> None:
+        """Records that all have one key (a user sent over and over), in order: every one
+        but the first repeats it. Read a budget at a time."""
+        first = True
+        for chunk in spill.read(number, self.keys_in_memory):
+            _found(found, chunk["position"][1:] if first else chunk["position"])
+            first = False
+
+    def _split(self, spill: _Spill, number: int, depth: int, found: _Spill) -> None:
+        """Partition one number's records by the key's byte at ``depth``, a budget at a
+        time, and find the repeats in each part."""
         self._splits += 1
-        parts = _Files(self.folder / f"split-{self._splits}", self.buffer_bytes)
-        for key in met:
-            parts.append(key[depth], _RECORD.pack(key, _CARRIED))
-        met.clear()
-        buffers = parts.buffers  # appended to inline, as in add(): once per record left
-        size = _RECORD.size
-        while chunk := rest.read(size * _READ_RECORDS):
-            for start in range(0, len(chunk), size):
-                buffer = buffers.get(chunk[start + depth])
-                if buffer is None:
-                    buffer = buffers[chunk[start + depth]] = bytearray()
-                buffer += chunk[start : start + size]
-            parts.buffered += len(chunk)
-            if parts.buffered >= parts.budget:
-                parts.flush()
-        parts.flush()
-        for number in parts.numbers():
-            self._find(parts.path(number), depth + 1, found)
-        parts.folder.rmdir()
+        parts = _Spill(self.folder / f"split-{self._splits}", self.buffer_bytes, _RECORD)
+        try:
+            word, shift = ("hi", 8 * (7 - depth)) if depth < 8 else ("lo", 8 * (15 - depth))
+            for chunk in spill.read(number, self.keys_in_memory):
+                byte = ((chunk[word] >> np.uint64(shift)) & np.uint64(0xFF)).astype(np.uint8)
+                parts.append(byte, chunk)
+            for part in parts.numbers():
+                self._find(parts, part, depth + 1, found)
+        finally:
+            parts.close()
 
     def close(self) -> None:
+        self._partitions.file.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _found(found: _Spill, positions: npt.NDArray[np.uint64]) -> None:
+    """File repeated positions under their bucket of 2^_SPAN_BITS."""
+    found.append((positions >> _SPAN_BITS).astype(np.uint64), positions)

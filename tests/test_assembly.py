@@ -28,6 +28,10 @@ def users_of(batch: Batch) -> list[Any]:
     return decoded
 
 
+def flat(batches: Any) -> list[bytes]:
+    return [user for users in batches for user in users]
+
+
 def decoded(users: Any) -> list[Any]:
     return [orjson.loads(user) for user in users]
 
@@ -35,7 +39,8 @@ def decoded(users: Any) -> list[Any]:
 @pytest.mark.parametrize(("total", "size"), [(1, 10), (10, 10), (25, 10), (30, 7)])
 def test_chunked_numbers_from_one_and_flags_the_last(total: int, size: int) -> None:
     users = [orjson.dumps({"i": i}) for i in range(total)]
-    chunks = list(chunked(iter(users), size, total))
+    batches = [users[i : i + 3] for i in range(0, total, 3)]  # batches smaller than chunks
+    chunks = list(chunked(iter(batches), size, total))
     assert [c.index for c in chunks] == list(range(1, len(chunks) + 1))
     assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [u for c in chunks for u in c.encoded] == users
@@ -60,8 +65,8 @@ def test_duplicates_are_found_across_batches_and_dropped_when_streamed(tmp_path:
         stored._replace(repeated=found.repeated)
         for stored, found in zip(batches, findings, strict=True)
     ]
-    assert decoded(unique_users(iter(recorded))) == [a, b, c, d]
-    everyone = decoded(unique_users(iter(batches)))  # none found yet
+    assert decoded(flat(unique_users(iter(recorded)))) == [a, b, c, d]
+    everyone = decoded(flat(unique_users(iter(batches))))  # none found yet
     assert everyone == [a, b, a, c, b_reordered, d, c, a]
     assert list(everyone[4]) == ["n", "email"]  # sent on as received: key order kept
 
@@ -174,7 +179,7 @@ def test_findings_match_a_plain_in_memory_set(
 
 def test_users_are_streamed_as_received_and_on_one_line_each() -> None:
     sent = b'[{"b": 1,  "a": "\\u00e9"}, {\n  "a": 2\n}, {"a": 3}\r\n]'
-    users = list(unique_users(iter([Batch(1, sent, [2], 3)])))
+    (users,) = unique_users(iter([Batch(1, sent, [2], 3)]))
     assert users == [b'{"b": 1,  "a": "\\u00e9"}', b'{"a":2}']
 
 

@@ -253,9 +253,10 @@ def run(attempt: Attempt) -> DeliveryState | None:
     return asyncio.run(attempt.run())
 
 
-def encoded(users: list[dict[str, Any]]) -> Iterator[bytes]:
-    """Users as assembly streams them: each one's JSON object."""
-    return (orjson.dumps(user) for user in users)
+def encoded(users: list[dict[str, Any]]) -> Iterator[list[bytes]]:
+    """Users as assembly streams them: batch by batch (here, two), each one's JSON object."""
+    half = len(users) // 2
+    return iter([[orjson.dumps(user) for user in part] for part in (users[:half], users[half:])])
 
 
 def recorded(engine: Engine) -> tuple[Any, list[Any]]:
