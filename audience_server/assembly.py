@@ -68,7 +68,7 @@ def find_duplicates(
             for batch in batches:
                 digest, keys = batch_keys(batch.users_json, seed)
                 seen.add(keys)
-                read.write(_READ.pack(batch.sequence, digest, len(keys)))
+                read.write(_READ.pack(batch.sequence, digest, len(keys) // 16))
                 del batch, keys  # one batch in memory at a time
             read.seek(0)
             repeats = seen.repeats()

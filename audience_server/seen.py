@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +123,20 @@ class SeenUsers:
         self._partitions = _Spill(self.folder / "keys", buffer_bytes, _RECORD)
         self._splits = 0
 
-    def add(self, keys: Sequence[bytes]) -> None:
-        """Append 16-byte keys at the next positions."""
-        if not keys:
+    def add(self, keys: bytes) -> None:
+        """Append keys (16 bytes each, end to end) at the next positions."""
+        count, rest = divmod(len(keys), _KEY_BYTES)
+        if rest:
+            raise ValueError("keys are 16 bytes each")
+        if not count:
             return
-        records = np.empty(len(keys), dtype=_RECORD)
-        raw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
+        records = np.empty(count, dtype=_RECORD)
+        raw = np.frombuffer(keys, dtype=np.uint8).reshape(count, _KEY_BYTES)
         as_words = raw.view(">u8")
         records["hi"] = as_words[:, 0]
         records["lo"] = as_words[:, 1]
-        records["position"] = np.arange(self.count, self.count + len(keys), dtype=np.uint64)
-        self.count += len(keys)
+        records["position"] = np.arange(self.count, self.count + count, dtype=np.uint64)
+        self.count += count
         self._partitions.append(raw[:, 0].copy(), records)
 
     def repeats(self) -> Iterator[int]:

@@ -16,7 +16,7 @@ from audience_server.seen import SeenUsers
 def repeats_by_batch(seen: SeenUsers, batches: Sequence[Sequence[bytes]]) -> list[list[int]]:
     """The batches added in order, then the repeats as indexes within each batch."""
     for keys in batches:
-        seen.add(keys)
+        seen.add(b"".join(keys))
     found = list(seen.repeats())
     assert found == sorted(set(found))
     result: list[list[int]] = []
@@ -45,7 +45,7 @@ def test_seen_users_finds_repeats_within_and_across_batches(tmp_path: Path) -> N
         k = [bytes([i]) * 16 for i in range(6)]
         batches = [[k[0], k[1], k[0], k[2]], [k[3], k[1], k[3], k[4], k[0]], [k[5]]]
         for keys in batches:
-            seen.add(keys)
+            seen.add(b"".join(keys))
         assert seen.folder.exists() and seen.count == 10
         assert list(seen.repeats()) == [2, 5, 6, 8]  # [2], then [1, 2, 4], then []
     finally:
@@ -103,7 +103,7 @@ def test_seen_users_closed_midway_leaves_nothing(tmp_path: Path) -> None:
     seen = SeenUsers(tmp_path, buffer_bytes=64)
     with pytest.raises(RuntimeError):
         try:
-            seen.add([bytes([i % 7]) * 16 for i in range(100)])
+            seen.add(b"".join(bytes([i % 7]) * 16 for i in range(100)))
             assert next(seen.repeats()) == 7
             raise RuntimeError("the reader went away")
         finally:
