@@ -12,7 +12,6 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .client.commands import add_client_commands
 from .destinations import DestinationsError
 from .settings import Settings, SettingsError
 
@@ -111,7 +110,12 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+SERVER_COMMANDS = ("serve", "worker", "migrate")
+
+
+def build_parser(client: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without ``client``, only the server commands (whose
+    processes then never import the client and its HTTP library: a faster start)."""
     parser = argparse.ArgumentParser(
         prog="audience-server", description="Receive audience segments and forward them once."
     )
@@ -143,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="bring the database schema to the newest revision"
     )
     migrate.set_defaults(run=_migrate)
-    add_client_commands(commands)
+    if client:
+        from .client.commands import add_client_commands
+
+        add_client_commands(commands)
     return parser
 
 
@@ -151,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Only the server commands (serve, worker, migrate) read the server's
     settings, first thing: a bad one ends them with one line and exit 2. The client commands
     read only their own flags (and AUDIENCE_URL, AUDIENCE_API_KEY)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(client=not argv or argv[0] not in SERVER_COMMANDS).parse_args(argv)
     try:
         code: int = args.run(args)
     except SettingsError as exc:
