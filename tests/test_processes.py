@@ -158,6 +158,8 @@ def test_edgetag_example_over_http(database_url: str, tmp_path: Path) -> None:
         "totalUsers": 25_000,
         "receivedBatches": 3,
         "receivedUsers": 25_000,
+        "assembledUsers": None,  # no worker runs: never assembled
+        "uniqueUsers": None,
         "missingSequences": [],
         "sequenceBase": 1,
         "expiresAt": None,
