@@ -2,15 +2,19 @@
 
 Transactions belong to the caller at the edge (a request, a worker step): data functions
 take a connection and never commit. Writers on SQLite take the write lock up front
-(``BEGIN IMMEDIATE``) so that two writers never deadlock upgrading a read lock.
+(``BEGIN IMMEDIATE``) so that two writers never deadlock upgrading a read lock, and queue
+for it first on a thread lock and a lock file, so that they wait without polling.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,20 @@ from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
-# SQLite has one writer at a time; a writer that finds the lock taken polls with sleeps
-# (its busy handler). Queueing this process's writers on a lock first avoids those sleeps.
-# Correctness never depends on it: other processes still meet SQLite's own lock.
-_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _WriterQueue:
+    """SQLite has one writer at a time, and a writer that finds the lock taken polls with
+    sleeps (its busy handler: 1, 2, 5 … 100 ms). Queueing first on a thread lock (this
+    process) and an ``flock`` on a file beside the database (every process) lets writers
+    wait without sleeping. Correctness never depends on it: SQLite's own lock still does."""
+
+    threads: threading.Lock
+    lock_file: Path | None  # None for an in-memory database
+
+
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
+_held_lock_files: set[int] = set()  # descriptors of the lock files this process holds now
 
 
 def normalize_url(url: str) -> str:
@@ -59,18 +73,72 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        _sqlite_writers[engine] = threading.Lock()
+        _sqlite_writers[engine] = _WriterQueue(threading.Lock(), writer_lock_file(url))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def writer_lock_file(url: str) -> Path | None:
+    """``<database file>-writer.lock``, where writers of every process queue; None for an
+    in-memory SQLite database (one process only)."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    if database.startswith("file:"):  # a URI filename (uri=true)
+        if "mode=memory" in database:
+            return None
+        database = database.removeprefix("file:").split("?", 1)[0]
+    return Path(os.path.abspath(database + "-writer.lock"))  # fixed now, whatever cwd becomes
+
+
+@contextmanager
+def _locked_file(path: Path | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, waiting (asleep in the kernel) for it."""
+    try:
+        fd = None if path is None else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:  # e.g. a read-only folder: SQLite's own lock still serialises writers
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        _held_lock_files.add(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        _held_lock_files.discard(fd)
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def _writer_turn(engine: Engine) -> Iterator[None]:
+    queue = _sqlite_writers.get(engine)
+    if queue is None:  # PostgreSQL: row locks, no single writer
+        yield
+        return
+    with queue.threads, _locked_file(queue.lock_file):
+        yield
 
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """One short read-write transaction, committed on success, rolled back on error."""
-    with _sqlite_writers.get(engine) or nullcontext(), engine.connect() as conn:
+    with _writer_turn(engine), engine.connect() as conn:
         conn.execution_options(audience_write=True)
         with conn.begin():
             yield conn
+
+
+def _close_inherited_lock_files() -> None:
+    # A forked child shares the parent's open lock file: while the child kept it open, the
+    # parent's close would not release the lock.
+    for fd in list(_held_lock_files):
+        os.close(fd)
+    _held_lock_files.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_lock_files)
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """The endpoints: each turns a request into a response. Database work runs in the thread
-pool, one short transaction per request."""
+pool, one short transaction per request (batches: per group of concurrent batches)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import db, delivery_store, store
+from . import commits, db, delivery_store, store
 from .auth import tenant_of
 from .clock import Clock
 from .errors import (
@@ -28,7 +28,7 @@ from .errors import (
     SyncTimeout,
 )
 from .forms import read_form
-from .ingest import Outcome, receive_batch
+from .ingest import Outcome
 from .lifecycle import abort_session, retry_failed
 from .parsing import BatchUpload, Limits, parse_upload
 from .settings import Settings
@@ -76,17 +76,16 @@ def _ingest(
     state: State, tenant: str, fields: dict[str, str], query: Mapping[str, str]
 ) -> tuple[BatchUpload, Outcome]:
     upload = parse_upload(fields, query, state["limits"])
-    packed = store.pack_users(upload.users_json)
+    batch = commits.Batch(
+        tenant,
+        upload,
+        packed_users=store.pack_users(upload.users_json),  # outside the lock: it takes time
+        clock=state["clock"],
+        ttl=state["settings"].session_ttl,
+    )
     try:
-        with db.write_transaction(state["engine"]) as conn:
-            outcome = receive_batch(
-                conn,
-                tenant,
-                upload,
-                packed_users=packed,
-                now=state["clock"](),
-                ttl=state["settings"].session_ttl,
-            )
+        # Shares a transaction with the batches that arrive meanwhile; returns once committed.
+        outcome = commits.commit(state["engine"], batch)
     except AudienceError as exc:
         _log_batch(upload, tenant, BatchResult.REJECTED, exc.status)
         raise

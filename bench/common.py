@@ -169,10 +169,15 @@ def drop_database(admin_url: str, name: str) -> None:
 
 @contextlib.contextmanager
 def postgres_database(
-    admin_url: str, workdir: Path, name: str | None = None, template: str | None = None
+    admin_url: str,
+    workdir: Path,
+    name: str | None = None,
+    template: str | None = None,
+    migrate_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """A new database on ``admin_url``'s server, dropped at the end: migrated to head, or a
-    copy of the database ``template`` (which nobody may be connected to)."""
+    """A new database on ``admin_url``'s server, dropped at the end: migrated to head (by
+    ``audience-server migrate`` in ``migrate_env``, e.g. another checkout's), or a copy of
+    the database ``template`` (which nobody may be connected to)."""
     import psycopg
     from psycopg import sql
 
@@ -191,7 +196,7 @@ def postgres_database(
             result = subprocess.run(
                 [*audience_server_command(), "migrate"],
                 cwd=workdir,
-                env=server_env(url),
+                env=server_env(url) | (migrate_env or {}),
                 capture_output=True,
                 text=True,
             )
@@ -247,15 +252,15 @@ def verdict(passed: bool | None) -> str:
     return "" if passed is None else ("PASS" if passed else "MISS")
 
 
-def git_revision() -> str:
+def git_revision(root: Path = ROOT) -> str:
     """The short HEAD, with ``+dirty`` when ``audience_server/`` has uncommitted changes."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "audience_server"],
-            cwd=ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
         ).stdout.strip()

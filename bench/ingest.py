@@ -279,14 +279,14 @@ def summarize(
 def format_table(summaries: Sequence[Summary]) -> str:
     """The results as a fixed-width table, with SPEC §7's targets next to the ratios."""
     header = (
-        f"{'target':<11}{'users/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'target':<16}{'users/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'x floor':>9}{'goal':>7}{'':>6}"
         f"{'last ms':>9}{'alone ms':>10}{'last÷alone':>11}{'goal':>7}{'':>6}{'last÷p50':>10}"
         f"{'x floor2':>10}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
-        row = f"{s.target:<11}{s.median_users_per_s:>10,.0f}{s.p50_ms:>9.1f}{s.p99_ms:>9.1f}"
+        row = f"{s.target:<16}{s.median_users_per_s:>10,.0f}{s.p50_ms:>9.1f}{s.p99_ms:>9.1f}"
         if s.ratio_to_floor is not None and s.ingest_target is not None:
             row += (
                 f"{s.ratio_to_floor:>8.2f}x{'≥' + format(s.ingest_target, '.1f'):>7}"
@@ -335,6 +335,9 @@ def write_results(
             "batches": segment.total_batches,
             "batches_sent_alone_per_round": args.lone + 1,
             "concurrency": args.concurrency,
+            "compare_with": None
+            if args.compare_with is None
+            else {"path": str(args.compare_with), "revision": git_revision(args.compare_with)},
             "encoded_mb": round(segment.encoded_bytes / 1e6, 1),
             "throughput": "users of the batches sent concurrently / their wall time; "
             "the batches sent alone are excluded",
@@ -359,11 +362,35 @@ def ingest_only(env: dict[str, str], workdir: Path) -> dict[str, str]:
     return env | {"AUDIENCE_WORKER": "false", "AUDIENCE_DESTINATIONS": str(none)}
 
 
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """Environment that runs the package of another checkout (``tree``), e.g. a clone of
+    HEAD to measure a change against in the same run: it comes first on the path."""
+    if tree is None:
+        return {}
+    paths = [str(tree.resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def server_target(
+    prefix: str, kind: str, database_url: str, tree: Path | None, workdir: Path
+) -> Target:
+    """The real server on ``database_url``, of this checkout or of ``tree``."""
+    env = ingest_only(server_env(database_url), workdir) | tree_env(tree)
+    return Target(f"{prefix}{kind}", kind, [*audience_server_command(), "serve"], env)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="counted rounds per target")
     parser.add_argument("--users", type=int, default=200_000, help="users in the segment")
-    parser.add_argument("--batch-size", type=int, default=10_000, help="users per batch")
+    parser.add_argument(
+        "--batch-users",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=10_000,
+        help="users per batch (1,000 measures the per-request cost: commit, fsync)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="batches in flight")
     parser.add_argument(
         "--postgres-url",
@@ -375,12 +402,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lone", type=int, default=3, help="intermediate batches sent alone per round"
     )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="DIR",
+        help="also measure the server of another checkout (e.g. `git clone -q . /tmp/base`), "
+        "as targets base-sqlite and base-postgresql, in the same interleaved rounds",
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed of the users and batch order")
     args = parser.parse_args(argv)
     if min(args.rounds, args.concurrency, args.batch_size, args.lone) < 1:
-        parser.error("--rounds, --concurrency, --batch-size and --lone must be at least 1")
+        parser.error("--rounds, --concurrency, --batch-users and --lone must be at least 1")
+    if args.compare_with is not None and not (args.compare_with / "audience_server").is_dir():
+        parser.error(f"--compare-with: {args.compare_with} holds no audience_server package")
     if math.ceil(args.users / args.batch_size) < args.lone + 2:
-        parser.error("the segment needs at least --lone + 2 batches (--users / --batch-size)")
+        parser.error("the segment needs at least --lone + 2 batches (--users / --batch-users)")
     return args
 
 
@@ -410,23 +446,20 @@ def run(args: argparse.Namespace) -> int:
         targets = [
             Target("floor", "floor", [*python, "bench.floor"], server_env()),
             Target("floor2", "floor", [*python, "bench.floor", "--decode", "server"], server_env()),
-            Target(
-                "sqlite",
-                "sqlite",
-                [*audience_server_command(), "serve"],
-                ingest_only(server_env(f"sqlite:///{workdir / 'bench.db'}"), workdir),
-            ),
         ]
+        trees: list[tuple[str, Path | None]] = [("", None)]
+        if args.compare_with is not None:
+            trees.append(("base-", args.compare_with))
+        for prefix, tree in trees:
+            sqlite_url = f"sqlite:///{workdir / f'{prefix}bench.db'}"
+            targets.append(server_target(prefix, "sqlite", sqlite_url, tree, workdir))
         if args.postgres_url:
-            url = stack.enter_context(postgres_database(args.postgres_url, workdir))
-            targets.append(
-                Target(
-                    "postgresql",
-                    "postgresql",
-                    [*audience_server_command(), "serve"],
-                    ingest_only(server_env(url), workdir),
+            for prefix, tree in trees:
+                name = f"audience_bench_{os.getpid()}_{prefix.strip('-') or 'head'}"
+                url = stack.enter_context(
+                    postgres_database(args.postgres_url, workdir, name, None, tree_env(tree))
                 )
-            )
+                targets.append(server_target(prefix, "postgresql", url, tree, workdir))
         # Entered before the servers so that it is shut down after they stop: a worker still
         # waiting on a server then fails at once instead of holding up the exit.
         pool = stack.enter_context(ThreadPoolExecutor(args.concurrency, "bench-client"))
