@@ -35,7 +35,7 @@ from .settings import Settings
 from .states import ENDED, BatchResult, DeliveryState, SessionState
 from .status import decode_cursor, encode_cursor, session_view
 from .store import SessionKey
-from .worker import Destinations, Doorbell, Worker
+from .worker import Destinations, Doorbell, Wakeable
 
 log = logging.getLogger("audience_server")
 
@@ -48,7 +48,7 @@ class State(TypedDict):
     clock: Clock
     limits: Limits
     changes: Doorbell  # rung whenever a delivery or an assembly ends in this process
-    worker: Worker | None  # the in-process worker, when serve runs one
+    worker: Wakeable | None  # what runs the delivery work, when this server runs it
     destinations: Destinations
 
 

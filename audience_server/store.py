@@ -21,6 +21,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -122,15 +123,19 @@ def _batches_of(tenant: str, key: str) -> ColumnElement[bool]:
 
 def insert_if_absent(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """INSERT … ON CONFLICT (primary key) DO NOTHING; True if the row went in."""
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    key = [column.name for column in table.primary_key.columns]
-    stmt = (
-        dialect_insert(table)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=key)
-        .returning(*table.primary_key.columns)
-    )
-    return conn.execute(stmt).first() is not None
+    stmt = _inserts.get((conn.dialect.name, table.name))
+    if stmt is None:
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        key = [column.name for column in table.primary_key.columns]
+        stmt = _inserts[(conn.dialect.name, table.name)] = (
+            dialect_insert(table)
+            .on_conflict_do_nothing(index_elements=key)
+            .returning(*table.primary_key.columns)
+        )
+    return conn.execute(stmt, values).first() is not None
+
+
+_inserts: dict[tuple[str, str], Any] = {}  # (dialect, table) -> its INSERT … ON CONFLICT
 
 
 # --- sessions --------------------------------------------------------------------------
@@ -168,9 +173,17 @@ def create_session_if_absent(
     return insert_if_absent(conn, sessions, values)
 
 
+# Built once: a statement made per call costs more to build and cache-key than to run.
+_SESSION_KEY = and_(
+    sessions.c.tenant == bindparam("key_tenant"), sessions.c.session_key == bindparam("key_key")
+)
+_LOCK_SESSION = select(sessions).where(_SESSION_KEY).with_for_update()
+_UPDATE_SESSION = update(sessions).where(_SESSION_KEY)
+
+
 def lock_session(conn: Connection, tenant: str, key: str) -> SessionRow | None:
     """The session row, locked until the transaction ends (SQLite: the writer lock does it)."""
-    row = conn.execute(select(sessions).where(_is_session(tenant, key)).with_for_update()).first()
+    row = conn.execute(_LOCK_SESSION, {"key_tenant": tenant, "key_key": key}).first()
     return None if row is None else _session(row)
 
 
@@ -180,7 +193,7 @@ def get_session(conn: Connection, tenant: str, key: str) -> SessionRow | None:
 
 
 def update_session(conn: Connection, tenant: str, key: str, **values: Any) -> None:
-    conn.execute(update(sessions).where(_is_session(tenant, key)).values(**values))
+    conn.execute(_UPDATE_SESSION, {**values, "key_tenant": tenant, "key_key": key})
 
 
 def record_assembly_progress(
