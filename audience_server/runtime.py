@@ -26,9 +26,11 @@ log = logging.getLogger("audience_server")
 
 def prepare_database(settings: Settings, engine: Engine) -> None:
     """SQLite migrates itself; PostgreSQL must already be at head (``audience-server migrate``)."""
+    if db.schema_is_current(engine):
+        return
     if settings.is_sqlite:
         db.migrate(engine)
-    elif not db.schema_is_current(engine):
+    else:
         raise RuntimeError(
             "the database schema is not at the newest revision; run `audience-server migrate`"
         )

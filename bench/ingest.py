@@ -371,12 +371,30 @@ def tree_env(tree: Path | None) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
+def as_served(env: dict[str, str], workdir: Path, name: str) -> dict[str, str]:
+    """The real server as a user runs it: its delivery worker on (``serve``'s default) and
+    one ``file`` destination, so each round's session is assembled and delivered while
+    the next round's batches arrive."""
+    destinations = workdir / f"{name}-destinations.toml"
+    folder = workdir / f"{name}-deliveries"
+    destinations.write_text(f'[[destinations]]\nid = "file"\nkind = "file"\ndir = "{folder}"\n')
+    return env | {"AUDIENCE_WORKER": "true", "AUDIENCE_DESTINATIONS": str(destinations)}
+
+
 def server_target(
-    prefix: str, kind: str, database_url: str, tree: Path | None, workdir: Path
+    prefix: str,
+    kind: str,
+    database_url: str,
+    tree: Path | None,
+    workdir: Path,
+    served: bool = False,
 ) -> Target:
-    """The real server on ``database_url``, of this checkout or of ``tree``."""
-    env = ingest_only(server_env(database_url), workdir) | tree_env(tree)
-    return Target(f"{prefix}{kind}", kind, [*audience_server_command(), "serve"], env)
+    """The real server on ``database_url``, of this checkout or of ``tree``; ``served``:
+    with its worker on, delivering to a file (target ``<kind>-serve``)."""
+    name = f"{prefix}{kind}{'-serve' if served else ''}"
+    env = server_env(database_url)
+    env = as_served(env, workdir, name) if served else ingest_only(env, workdir)
+    return Target(name, kind, [*audience_server_command(), "serve"], env | tree_env(tree))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -408,6 +426,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="also measure the server of another checkout (e.g. `git clone -q . /tmp/base`), "
         "as targets base-sqlite and base-postgresql, in the same interleaved rounds",
+    )
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also measure the default serve (worker on, a file destination: each round's "
+        "session is delivered while the next one arrives) as targets sqlite-serve and "
+        "postgresql-serve",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the users and batch order")
     args = parser.parse_args(argv)
@@ -450,16 +475,21 @@ def run(args: argparse.Namespace) -> int:
         trees: list[tuple[str, Path | None]] = [("", None)]
         if args.compare_with is not None:
             trees.append(("base-", args.compare_with))
+        modes = [False, True] if args.with_worker else [False]
         for prefix, tree in trees:
-            sqlite_url = f"sqlite:///{workdir / f'{prefix}bench.db'}"
-            targets.append(server_target(prefix, "sqlite", sqlite_url, tree, workdir))
+            for served in modes:
+                label = f"{prefix}bench{'-serve' if served else ''}"
+                sqlite_url = f"sqlite:///{workdir / f'{label}.db'}"
+                targets.append(server_target(prefix, "sqlite", sqlite_url, tree, workdir, served))
         if args.postgres_url:
             for prefix, tree in trees:
-                name = f"audience_bench_{os.getpid()}_{prefix.strip('-') or 'head'}"
-                url = stack.enter_context(
-                    postgres_database(args.postgres_url, workdir, name, None, tree_env(tree))
-                )
-                targets.append(server_target(prefix, "postgresql", url, tree, workdir))
+                for served in modes:
+                    head = prefix.strip("-") or "head"
+                    name = f"audience_bench_{os.getpid()}_{head}{'_serve' if served else ''}"
+                    url = stack.enter_context(
+                        postgres_database(args.postgres_url, workdir, name, None, tree_env(tree))
+                    )
+                    targets.append(server_target(prefix, "postgresql", url, tree, workdir, served))
         # Entered before the servers so that it is shut down after they stop: a worker still
         # waiting on a server then fails at once instead of holding up the exit.
         pool = stack.enter_context(ThreadPoolExecutor(args.concurrency, "bench-client"))
