@@ -114,7 +114,7 @@ class SeenUsers:
         self,
         directory: Path | None = None,
         keys_in_memory: int = 1 << 20,
-        buffer_bytes: int = 8 << 20,
+        buffer_bytes: int = 4 << 20,
     ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="seen-", dir=directory))
         self.keys_in_memory = max(1, keys_in_memory)
