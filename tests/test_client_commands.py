@@ -402,6 +402,10 @@ def test_wait_follows_a_held_delivery_until_it_succeeds(
         try:
             stderr = StderrLines(process)
             stderr.wait_for("delivering: crm 0 of 300 users")
+            # The attempt shows as running before its first chunk reaches the receiver: a
+            # release sent earlier would find nothing to release (the chunk would then wait
+            # out the provider's 30 s timeout and be retried).
+            hook.wait_until(lambda: hook.in_flight("held-1") == 1, timeout=30)
             assert process.poll() is None  # still waiting on the held chunk
             hook.release()
             assert process.wait(60) == 0
