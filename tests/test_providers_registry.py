@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+import orjson
 import pytest
 from sqlalchemy import Engine
 
@@ -128,6 +129,25 @@ def test_without_a_file_the_default_file_destination_is_built(tmp_path: Path) ->
     ((config, provider),) = built.values()
     assert (config.id, config.kind) == ("file", "file")
     assert isinstance(provider, FileProvider)
+
+
+def test_a_large_file_is_synced_as_it_is_written_and_ends_whole(tmp_path: Path) -> None:
+    provider = FileProvider(tmp_path, chunk_size=100, sync_every=1024)
+    seg = Segment("file", "default", "big", "VIP", "VIP", "custom", total_users=300)
+    lines = [orjson.dumps({"email": f"user{i}@example.com", "n": i}) for i in range(300)]
+
+    async def main() -> list[int]:
+        synced = []
+        for index in range(3):
+            part = lines[index * 100 : (index + 1) * 100]
+            await provider.send(seg, Chunk(index + 1, index == 2, encoded=part))
+            synced.append(seg.state["sync"].synced_to)
+        return synced
+
+    synced = asyncio.run(main())
+    assert 0 < synced[0] <= synced[1]  # synced while written (one sync at a time)
+    assert (tmp_path / "big.ndjson").read_bytes() == b"\n".join(lines) + b"\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["big.ndjson"]
 
 
 # -- the recording provider ------------------------------------------------------------------
