@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import math
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -267,3 +269,22 @@ def git_revision(root: Path = ROOT) -> str:
     except OSError:
         return "unknown"
     return f"{head}{'+dirty' if dirty else ''}"
+
+
+def count_lines(path: Path) -> int:
+    """Lines of a file (NDJSON: users), read a MiB at a time."""
+    count = 0
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+    return count
+
+
+def machine(load_at_start: float, **more: Any) -> dict[str, Any]:
+    """What a results file says of the machine it was measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_at_start": load_at_start,
+        **more,
+    }

@@ -54,6 +54,7 @@ from .common import (
     BenchError,
     Target,
     audience_server_command,
+    count_lines,
     form_field,
     git_revision,
     log_tail,
@@ -428,14 +429,6 @@ def delivered(url: str, session_key: str, started_at: dt.datetime) -> Delivered:
         if attempt is not None and attempt.finished_at is not None
         else 0.0,
     )
-
-
-def count_lines(path: Path) -> int:
-    count = 0
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            count += block.count(b"\n")
-    return count
 
 
 # --- runs ------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import csv
 import datetime as dt
 import http.client
 import os
-import platform
 import random
 import resource
 import shutil
@@ -58,9 +57,11 @@ from .common import (
     RESULTS_DIR,
     BenchError,
     audience_server_command,
+    count_lines,
     free_port,
     git_revision,
     log_tail,
+    machine,
     raise_on_sigterm,
     verdict,
 )
@@ -496,14 +497,6 @@ def read_events(database: Path) -> Events:
         attempt_s = _unix(attempt[1]) - _unix(attempt[0])
     delivery_state, users_sent, attempts = deliveries[0]
     return Events(state, unique, at, delivery_state, users_sent, attempts, attempt_s)
-
-
-def count_lines(path: Path) -> int:
-    count = 0
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            count += block.count(b"\n")
-    return count
 
 
 @dataclass
@@ -992,12 +985,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "e2e",
         "at": stamp,
         "revision": git_revision(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": load_at_start,
-            "loadavg_at_end": os.getloadavg()[0],
-        },
+        "machine": machine(load_at_start, loadavg_at_end=os.getloadavg()[0]),
         "config": {
             "users": args.users,
             "rounds": args.rounds,

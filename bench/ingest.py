@@ -19,7 +19,6 @@ import datetime as dt
 import http.client
 import math
 import os
-import platform
 import random
 import signal
 import statistics
@@ -48,6 +47,7 @@ from .common import (
     audience_server_command,
     form_field,
     git_revision,
+    machine,
     percentile,
     post_batch,
     postgres_database,
@@ -322,11 +322,7 @@ def write_results(
         "benchmark": "ingest",
         "at": stamp,
         "revision": git_revision(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": load_at_start,
-        },
+        "machine": machine(load_at_start),
         "config": {
             "rounds": args.rounds,
             "warmup_rounds": 1,

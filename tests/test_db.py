@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from audience_server import db, store
 from tests.helpers import eventually
+from tests.test_delivery_store import new_session
 
 TENANT = "default"
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -59,20 +60,6 @@ def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
     engine = db.make_engine(f"sqlite:///{path}")
     yield engine
     engine.dispose()
-
-
-def new_session(conn: Connection, key: str) -> None:
-    store.create_session_if_absent(
-        conn,
-        TENANT,
-        key,
-        name="Seg",
-        type="custom",
-        total_batches=1,
-        total_users=1,
-        now=NOW,
-        expires_at=NOW + dt.timedelta(days=1),
-    )
 
 
 def lock_file_of(engine: Engine) -> Path:
@@ -127,7 +114,7 @@ def test_an_in_memory_database_writes_without_a_lock_file(
 def test_a_write_transaction_holds_the_lock_file(sqlite_engine: Engine) -> None:
     path = lock_file_of(sqlite_engine)
     with db.write_transaction(sqlite_engine) as conn:
-        new_session(conn, "held")
+        new_session(conn, "held", TENANT)
         assert probe(path) == "busy"
     assert probe(path) == "free"
     with db.read_transaction(sqlite_engine) as conn:  # readers never take it
@@ -150,7 +137,7 @@ def test_a_write_waits_while_another_process_holds_the_lock(sqlite_engine: Engin
 
     def write() -> None:
         with db.write_transaction(sqlite_engine) as conn:
-            new_session(conn, "after-the-holder")
+            new_session(conn, "after-the-holder", TENANT)
         written.set()
 
     writer = threading.Thread(target=write)
@@ -188,7 +175,7 @@ def test_a_child_forked_during_a_write_does_not_keep_the_lock(sqlite_engine: Eng
     path = lock_file_of(sqlite_engine)
     read_end, write_end = os.pipe()
     with db.write_transaction(sqlite_engine) as conn:
-        new_session(conn, "forked")
+        new_session(conn, "forked", TENANT)
         pid = os.fork()
         if pid == 0:  # the child lives on past the transaction, until the pipe closes
             os.close(write_end)

@@ -18,10 +18,11 @@ LEASE = dt.timedelta(seconds=60)
 TICK = dt.timedelta(microseconds=1)
 
 
-def new_session(conn: Connection, key: str) -> None:
+def new_session(conn: Connection, key: str, tenant: str = TENANT) -> None:
+    """A one-batch session created at NOW (tests/test_db.py uses it too)."""
     store.create_session_if_absent(
         conn,
-        TENANT,
+        tenant,
         key,
         name="Seg",
         type="custom",
