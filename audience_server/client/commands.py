@@ -1,6 +1,7 @@
-"""The client commands of ``audience-server``: ``upload``, ``status`` and ``sessions``, their
-printing and exit codes. They read only their own flags (and AUDIENCE_URL, AUDIENCE_API_KEY),
-never the server's settings; ``cli.py`` mounts them beside the server commands."""
+"""The client commands of ``audience-server``: ``upload``, ``status``, ``sessions``, and the
+operator's ``retry`` and ``abort``, their printing and exit codes. They read only their own
+flags (and AUDIENCE_URL, AUDIENCE_API_KEY), never the server's settings; ``cli.py`` mounts
+them beside the server commands."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import IO, Any
 from .. import states
 from ..retry import RetryPolicy
 from ..states import SessionState
-from .errors import InputError, Unreachable, UploadError
+from .errors import InputError, Rejected, Unreachable, UploadError
 from .http import DEFAULT_URL, AudienceClient
 from .progress import WaitProgress
 from .readers import FORMATS, Source
@@ -248,6 +249,102 @@ def _sessions_command(args: argparse.Namespace) -> int:
     return _client_errors(run)
 
 
+YES = frozenset({"y", "yes"})
+
+
+def _refused(exc: Rejected) -> int:
+    """The server's own words (404 no such session, 409 nothing to retry), then exit 1."""
+    print(f"audience-server: {' '.join(exc.messages)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _ask(prompt: str) -> str:
+    """The prompt on stderr (stdout stays the result); end of input counts as no."""
+    print(prompt, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline()
+
+
+def _abort_command(
+    args: argparse.Namespace,
+    *,
+    ask: Callable[[str], str] = _ask,
+    is_terminal: Callable[[], bool] | None = None,
+) -> int:
+    """Abort purges a session's users for good, so a person at a terminal confirms it with
+    the session's name and state in front of them; a script must say ``--yes``, since a
+    prompt nobody can answer would hang or, worse, read its answer from piped data."""
+    terminal = (is_terminal or sys.stdin.isatty)()
+
+    def run() -> int:
+        if not args.yes and not terminal:
+            print(
+                "audience-server: abort asks for confirmation on a terminal; "
+                "pass --yes to abort without one",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        with _make_client(args) as client:
+            if not args.yes:
+                status = client.status(args.session_id)
+                if status is None:
+                    print(
+                        f"audience-server: session {args.session_id} does not exist.",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FAILED
+                question = f"abort session {args.session_id} ({status['name']}, {status['state']})?"
+                if ask(f"{question} [y/N] ").strip().lower() not in YES:
+                    print("audience-server: not aborted", file=sys.stderr)
+                    return EXIT_FAILED
+            try:
+                body = client.abort(args.session_id)
+            except Rejected as exc:
+                return _refused(exc)
+        if args.json:
+            _print_json(body)
+        else:
+            print(_describe(body))
+        if body["state"] != SessionState.ABORTED:
+            print(
+                f"audience-server: session {args.session_id} had already ended "
+                f"{body['state']}; it keeps that state (its stored users are purged)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        return EXIT_OK
+
+    return _client_errors(run)
+
+
+def _retry_command(args: argparse.Namespace) -> int:
+    """No confirmation: a retry only re-queues deliveries that failed, from their start."""
+
+    def run() -> int:
+        with _make_client(args) as client:
+            try:
+                body = client.retry_deliveries(args.session_id)
+            except Rejected as exc:
+                return _refused(exc)
+        if args.json:
+            _print_json(body)
+        else:
+            print(f"re-queued: {', '.join(body['retried'])}")
+        return EXIT_OK
+
+    return _client_errors(run)
+
+
+OPERATOR_EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}    done
+  {EXIT_FAILED}    the server refused (no such session, nothing to retry, already ended)
+       or the confirmation was declined
+  {EXIT_USAGE}    bad arguments (abort without a terminal needs --yes)
+  {EXIT_UNREACHABLE}    the server stayed unreachable through the retries
+  {EXIT_INTERRUPTED}  interrupted
+"""
+
+
 UPLOAD_EXIT_CODES = f"""\
 exit codes:
   {EXIT_OK}    every batch acknowledged and the session complete (delivered, with --sync/--wait)
@@ -261,7 +358,7 @@ exit codes:
 
 
 def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``upload``, ``status`` and ``sessions``: the HTTP client side of the command."""
+    """``upload``, ``status``, ``sessions``, ``retry`` and ``abort``: the HTTP client side."""
     upload = commands.add_parser(
         "upload",
         help="upload a CSV / NDJSON / JSON file of users as one session (resumable)",
@@ -321,3 +418,29 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     sessions.add_argument("--json", action="store_true", help="print the API's JSON")
     _client_options(sessions)
     sessions.set_defaults(run=_sessions_command)
+
+    retry = commands.add_parser(
+        "retry",
+        help="re-queue a session's failed deliveries",
+        description="Re-queue a session's failed deliveries, each with a fresh attempt budget.",
+        epilog=OPERATOR_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retry.add_argument("session_id", metavar="ID")
+    retry.add_argument("--json", action="store_true", help="print the API's JSON")
+    _client_options(retry)
+    retry.set_defaults(run=_retry_command)
+
+    abort = commands.add_parser(
+        "abort",
+        help="abort a session and purge its stored users (asks on a terminal)",
+        description="Abort a session and purge its stored users; a session already\n"
+        "delivered or expired keeps its state. Asks for confirmation on a terminal.",
+        epilog=OPERATOR_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    abort.add_argument("session_id", metavar="ID")
+    abort.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    abort.add_argument("--json", action="store_true", help="print the API's JSON")
+    _client_options(abort)
+    abort.set_defaults(run=_abort_command)

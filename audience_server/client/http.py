@@ -162,3 +162,23 @@ class AudienceClient:
             raise Rejected(response.status_code, _messages(response))
         body: dict[str, Any] = response.json()
         return body
+
+    def abort(self, session_id: str) -> dict[str, Any]:
+        """DELETE /audience/sessions/{id}: the session as it now stands (``aborted``, or the
+        state an ended session keeps). Any other answer, 404 included, is ``Rejected`` with
+        the server's message. Retrying it is harmless: a second abort finds it aborted."""
+        response = self._request("DELETE", f"/audience/sessions/{session_id}")
+        if response.status_code != 200:
+            raise Rejected(response.status_code, _messages(response))
+        body: dict[str, Any] = response.json()
+        return body
+
+    def retry_deliveries(self, session_id: str) -> dict[str, Any]:
+        """POST /audience/sessions/{id}/retry: ``{"sessionId", "retried": [destinations]}``.
+        Any other answer (404; 409: nothing failed, or the users were purged) is ``Rejected``
+        with the server's message."""
+        response = self._request("POST", f"/audience/sessions/{session_id}/retry")
+        if response.status_code != 202:
+            raise Rejected(response.status_code, _messages(response))
+        body: dict[str, Any] = response.json()
+        return body
