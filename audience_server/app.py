@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from sqlalchemy import Engine
@@ -13,11 +14,13 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import db
+from . import db, metrics
 from .clock import Clock, utcnow
 from .errors import APPLICATION_JSON, AudienceError, InvalidField, NotFound, errors_body
 from .handlers import (
@@ -26,6 +29,7 @@ from .handlers import (
     get_session,
     healthz,
     list_sessions,
+    metrics_text,
     post_audience,
     readyz,
     retry_session,
@@ -55,7 +59,28 @@ ROUTES = [
     Route("/audience/sessions/{session_id}/retry", retry_session, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
 ]
+
+
+class RequestTimer:
+    """Observes each HTTP request's duration under its route's template (never the raw
+    path: one series per route, whatever the session ids)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")  # set by the router on the scope it was given
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.observe_request(template, time.perf_counter() - started)
 
 
 async def _audience_error(request: Request, exc: Exception) -> Response:
@@ -156,4 +181,9 @@ def create_app(
             if own_engine:
                 engine.dispose()
 
-    return Starlette(routes=ROUTES, exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
+    return Starlette(
+        routes=ROUTES,
+        exception_handlers=ERROR_HANDLERS,
+        middleware=[Middleware(RequestTimer)],
+        lifespan=lifespan,
+    )

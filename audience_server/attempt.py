@@ -21,7 +21,7 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import Connection, Engine
 
-from . import db, delivery_store, store
+from . import db, delivery_store, metrics, store
 from .assembly import UsersPurged, chunked
 from .clock import Clock
 from .delivery_store import DeliveryKey
@@ -232,7 +232,11 @@ class Attempt:
                 now=now,
             )
             if not owned:
-                return None  # the lease lapsed meanwhile; the worker that took over records it
+                # The lease lapsed meanwhile; the worker that took over records it.
+                metrics.count_attempt(
+                    claim.key.destination, AttemptOutcome.INTERRUPTED, outcome.users_sent
+                )
+                return None
             delivery_store.finish_attempt(
                 conn,
                 claim.key,
@@ -244,6 +248,9 @@ class Attempt:
             )
             if session is not None and session.state != SessionState.ABORTED:
                 settle_session(conn, tenant, key, now)
+        # After the commit: counted once the outcome is recorded. ``users_sent`` is this
+        # attempt's alone (each attempt starts over from chunk 1).
+        metrics.count_attempt(claim.key.destination, result, outcome.users_sent)
         log.info(
             "delivery attempt ended",
             extra={

@@ -33,6 +33,30 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Deferred on purpose: the server's imports (uvicorn, SQLAlchemy, alembic, the
     # providers) cost the other commands, and a bad setting, nothing.
+    from .metrics import share_with_children
+    from .scratch import Scratch
+
+    if not settings.run_worker or args.no_worker:
+        return _run_server(args, settings)
+    # Before the app's imports: the worker child's counters reach this process's /metrics.
+    scratch = Scratch.take(settings.scratch_dir)
+
+    def terminated(signum: int, frame: object) -> None:
+        # uvicorn re-raises the SIGTERM it stopped on once it has shut down: the folder
+        # goes first, then the process ends by the signal as before.
+        scratch.close()
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        share_with_children(scratch)
+        return _run_server(args, settings)
+    finally:
+        scratch.close()
+
+
+def _run_server(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app

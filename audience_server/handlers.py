@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import commits, db, delivery_store, store
+from . import commits, db, delivery_store, metrics, store
 from .auth import tenant_of
 from .clock import Clock
 from .errors import (
@@ -57,6 +57,7 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 def _log_batch(upload: BatchUpload, tenant: str, result: BatchResult, status: int) -> None:
+    metrics.count_batch(result, status, upload.user_count)
     log.info(
         "batch",
         extra={
@@ -75,7 +76,11 @@ def _log_batch(upload: BatchUpload, tenant: str, result: BatchResult, status: in
 def _ingest(
     state: State, tenant: str, fields: dict[str, str], query: Mapping[str, str]
 ) -> tuple[BatchUpload, Outcome]:
-    upload = parse_upload(fields, query, state["limits"])
+    try:
+        upload = parse_upload(fields, query, state["limits"])
+    except AudienceError as exc:  # logged as a refused request; counted as a refused batch
+        metrics.count_batch(BatchResult.REJECTED, exc.status, 0)
+        raise
     batch = commits.Batch(
         tenant,
         upload,
@@ -247,6 +252,15 @@ async def retry_session(request: Request[State]) -> Response:
     if worker is not None:
         worker.wake()
     return _json({"sessionId": key, "retried": destinations}, 202)
+
+
+async def metrics_text(request: Request[State]) -> Response:
+    """Prometheus' scrape: API keys apply unless ``AUDIENCE_METRICS_PUBLIC`` is set."""
+    state = request.state
+    if not state["settings"].metrics_public:
+        tenant_of(request, state["settings"].api_keys)
+    body = await run_in_threadpool(metrics.exposition, state["engine"], state["clock"])
+    return Response(body, 200, media_type=metrics.CONTENT_TYPE)
 
 
 async def healthz(request: Request[State]) -> Response:

@@ -198,6 +198,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "AUDIENCE_CHUNK_TIMEOUT": ("chunk_timeout", _duration),
     "AUDIENCE_WORKER_POLL": ("poll_interval", _duration),
     "AUDIENCE_SCRATCH_DIR": ("scratch_dir", _path),
+    "AUDIENCE_METRICS_PUBLIC": ("metrics_public", _boolean),
 }
 
 
@@ -229,6 +230,7 @@ class Settings:
     poll_interval: timedelta = timedelta(seconds=1)
     run_worker: bool = True  # serve runs the delivery worker in-process
     scratch_dir: Path | None = None  # workers' temporary files; None: <temp dir>/audience-server
+    metrics_public: bool = False  # /metrics answers without an API key
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
