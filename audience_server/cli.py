@@ -1,6 +1,6 @@
 """The ``audience-server`` command: the server commands (serve, worker, migrate) and, mounted
-from ``client.commands``, the client ones (upload, status, sessions). Flags fall back to the
-AUDIENCE_* environment."""
+from ``client.commands``, the client ones (upload, status, sessions, retry, abort). Flags
+fall back to the AUDIENCE_* environment."""
 
 from __future__ import annotations
 

@@ -145,6 +145,9 @@ VARIABLES: dict[str, Variable] = {
     "AUDIENCE_SCRATCH_DIR": Variable(
         "scratch_dir", None, (("/var/tmp/audience", Path("/var/tmp/audience")),)
     ),
+    "AUDIENCE_METRICS_PUBLIC": Variable(
+        "metrics_public", False, (("true", True), ("no", False)), ("public",)
+    ),
 }
 # A retry base longer than the default cap (5m) is refused (see below): its good values are
 # read beside a cap long enough.
