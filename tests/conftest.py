@@ -30,7 +30,7 @@ from audience_server.app import create_app
 from audience_server.settings import Settings
 from tests.emulators.webhook import WebhookEmulator
 from tests.helpers import HOOK_SECRET
-from tests.servers import clear_audience_variables
+from tests.servers import ServerProcess, clear_audience_variables
 
 PG_ENV = "AUDIENCE_TEST_POSTGRES_URL"
 clear_audience_variables()  # the shell's AUDIENCE_* settings never change what is tested
@@ -150,6 +150,17 @@ def hook() -> Iterator[WebhookEmulator]:
     """A strict signed-webhook receiver on loopback, verifying ``HOOK_SECRET``."""
     with WebhookEmulator(HOOK_SECRET) as emulator:
         yield emulator
+
+
+@pytest.fixture
+def receiving(database_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real server process without worker or destinations: sessions stay where the test
+    puts them."""
+    server = ServerProcess(database_url, tmp_path / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

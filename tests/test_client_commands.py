@@ -87,15 +87,6 @@ def delivering(database_url: str, tmp_path: Path) -> Iterator[tuple[ServerProces
         server.stop()
 
 
-@pytest.fixture
-def receiving(database_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(database_url, tmp_path / "server.log").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def status(server: ServerProcess, key: str) -> dict[str, Any]:
     body: dict[str, Any] = httpx2.get(f"{server.url}/audience/sessions/{key}", timeout=30).json()
     return body

@@ -50,16 +50,6 @@ def status(server: ServerProcess, key: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def receiving(database_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
-    """A server without worker or destinations: sessions stay where the test puts them."""
-    server = ServerProcess(database_url, tmp_path / "server.log").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def hooked(database_url: str, tmp_path: Path, hook: WebhookEmulator) -> Iterator[ServerProcess]:
     """A server delivering to ``hook`` as ``crm``, one attempt per delivery: the first
     refusal fails it, so only a retry can deliver it."""
