@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import db, metrics
 from .clock import Clock, utcnow
+from .console import CONSOLE_ROUTES
 from .errors import APPLICATION_JSON, AudienceError, InvalidField, NotFound, errors_body
 from .handlers import (
     State,
@@ -34,6 +35,7 @@ from .handlers import (
     readyz,
     retry_session,
 )
+from .openapi import openapi_json
 from .parsing import Limits
 from .runtime import (
     load_destinations,
@@ -60,6 +62,8 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_text, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    *CONSOLE_ROUTES,  # /, /console and its static files
 ]
 
 
