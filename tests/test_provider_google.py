@@ -15,6 +15,9 @@ from typing import Any
 
 import httpx2
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import crypt, jwt
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
@@ -33,6 +36,7 @@ from audience_server.providers.google import (
     audience_members,
     email,
     name,
+    outcomes,
     platform_error,
 )
 from audience_server.settings import Settings
@@ -103,7 +107,7 @@ def mixed_users(count: int, start: int = 0) -> tuple[list[dict[str, Any]], set[M
             }
             held = {
                 email_id(f"firstlast{i}@gmail.com"),
-                address_id("annemarie", "oneil", "US", f"{10_000 + i:05d}"),
+                address_id("annemarie", "oneil", "US", f"{10_000 + i:05d}-1234"),
             }
         elif kind == 3:  # integer phone and an address abroad, no email
             user = {
@@ -115,7 +119,7 @@ def mixed_users(count: int, start: int = 0) -> tuple[list[dict[str, Any]], set[M
             }
             held = {
                 phone_id(f"+44{7_911_000_000 + i}"),
-                address_id("zoë", "brontë", "GB", "sw1a1aa"),
+                address_id("zoë", "brontë", "GB", "SW1A 1AA"),
             }
         else:  # a pre-hashed email; the address lacks its postal code, so it is left out
             user = {
@@ -174,6 +178,14 @@ def deliver(
     return response
 
 
+STATUS = ("retrieveRequestStatus", 200)
+
+
+def calls_made(google: GoogleEmulator) -> list[tuple[str, int]]:
+    """(route, status) of the calls that act, the outcome polls left out."""
+    return [item for item in google.routes() if item[0] != "retrieveRequestStatus"]
+
+
 def the_list(google: GoogleEmulator, account: str = ACCOUNT) -> str:
     lists = google.lists(account)
     assert list(lists) == [SEGMENT]
@@ -209,7 +221,7 @@ def test_email_follows_googles_format_page(raw: object, normalized: str | None) 
         ("O'Neil Jr.", "oneil"),
         ("Smith, III", "smith"),
         ("Dr", "dr"),  # a lone word is a name, whatever it looks like
-        ("Mary Ann", "maryann"),
+        ("Mary  Ann", "mary ann"),  # inner spaces kept, a run as one
         ("José", "josé"),
         ("...", None),
         (None, None),
@@ -242,7 +254,7 @@ def test_a_whole_user_becomes_three_identifiers() -> None:
                         "givenName": sha("jane"),
                         "familyName": sha("doe"),
                         "regionCode": "US",
-                        "postalCode": "94105",
+                        "postalCode": "94105-1234",
                     }
                 },
             ]
@@ -640,6 +652,17 @@ def test_emulator_remove_and_remove_all(google: GoogleEmulator) -> None:
     answer = call(google, "removeAll", destinations_only)
     assert answer.status_code == 200 and set(answer.json()) == {"requestId"}
     assert google.members(ACCOUNT, list_id) == set()
+    # members last added before removeAsOfTime go; those (re-)added since stay
+    assert call(google, "ingest", ingest_body(list_id, [a, b])).status_code == 200
+    between = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    assert call(google, "ingest", ingest_body(list_id, [b, c])).status_code == 200
+    cut = {**destinations_only, "removeAsOfTime": between}
+    assert call(google, "removeAll", cut).status_code == 200
+    assert google.members(ACCOUNT, list_id) == {
+        frozenset({email_id("b")}),
+        frozenset({email_id("c")}),
+    }
+    assert [size for _, size in google.sizes(ACCOUNT, list_id)][-3:] == [2, 3, 2]
 
 
 def test_emulator_user_lists(google: GoogleEmulator) -> None:
@@ -720,13 +743,15 @@ def test_list_is_found_by_name_created_once_and_remembered(google: GoogleEmulato
         ("createUserList", 200),
         ("ingest", 200),
         ("ingest", 200),
+        STATUS,  # after the last chunk, the outcome of each ingest of the attempt
+        STATUS,
     ]
     list_id = the_list(google)
     run(first, (segment(), chunk(users[:1])))  # a new attempt, the list remembered
-    assert google.routes()[4:] == [("ingest", 200)]
+    assert google.routes()[6:] == [("ingest", 200), STATUS]
     fresh = provider(google)  # another process: empty cache, finds the list, no duplicate
     run(fresh, (segment(), chunk(users[:1])))
-    assert google.routes()[-2:] == [("listUserLists", 200), ("ingest", 200)]
+    assert google.routes()[-3:] == [("listUserLists", 200), ("ingest", 200), STATUS]
     assert google.members(ACCOUNT, list_id) == expected
     created = next(c for c in google.calls if c.route == "createUserList")
     assert created.json() == {
@@ -771,7 +796,7 @@ def test_configured_lists_are_used_as_they_are(google: GoogleEmulator) -> None:
         (segment(title="blotout_vip"), chunk(vips)),
         (segment(), chunk(users)),
     )
-    assert [route for route, _ in google.routes()] == ["ingest", "ingest"]
+    assert calls_made(google) == [("ingest", 200), ("ingest", 200)]
     assert google.members(ACCOUNT, vip) == vip_expected
     assert google.members(ACCOUNT, default) == expected
     # a configured list Google does not know fails at once: nothing to look up again
@@ -809,7 +834,7 @@ def test_login_account_consent_and_all_invalid_chunks(google: GoogleEmulator) ->
     assert google.members(ACCOUNT, the_list(google)) == expected
     # without a consent option, no consent is claimed
     run(provider(google, user_list_id=the_list(google)), (segment(), chunk(users)))
-    assert "consent" not in google.calls[-1].json()
+    assert "consent" not in google.calls_to("ingest")[-1].json()
 
 
 def test_connection_errors_are_retryable(google: GoogleEmulator) -> None:
@@ -851,7 +876,8 @@ def test_a_25000_user_session_lands_exactly(
     list_id = the_list(google)
     assert google.members(ACCOUNT, list_id) == expected
     assert (
-        google.routes() == [("listUserLists", 200), ("createUserList", 200)] + [("ingest", 200)] * 3
+        google.routes()
+        == [("listUserLists", 200), ("createUserList", 200)] + [("ingest", 200)] * 3 + [STATUS] * 3
     )
     sizes = [len(c.json()["audienceMembers"]) for c in google.calls_to("ingest")]
     assert max(sizes) <= 10_000 and sum(sizes) == 25_001
@@ -873,8 +899,27 @@ def test_primary_replaces_and_custom_adds(
 
         assert deliver(client, "s2", replacement, kind="primary", batch=10).status_code == 200
         assert google.members(ACCOUNT, list_id) == kept_expected | added_expected
-        # the list is remembered; the replace empties it once, then ingests every chunk
-        assert google.routes()[before:] == [("removeAll", 200)] + [("ingest", 200)] * 3
+        # the list is remembered; the replace ingests every chunk, reads their outcomes, and
+        # only then removes what was last added before the attempt began
+        assert google.routes()[before:] == [("ingest", 200)] * 3 + [STATUS] * 3 + [
+            ("removeAll", 200)
+        ]
+        # never empty on the way: 60 before, 67 with the newcomers, 27 after removeAll
+        sizes = google.sizes(ACCOUNT, list_id)
+        assert [size for _, size in sizes][-4:] == [60, 60, 67, 27]
+        assert min(size for _, size in sizes) > 0
+        # removeAsOfTime is the attempt's start: before its first ingest reached Google
+        (remove_all,) = google.calls_to("removeAll")
+        stamp = remove_all.json()["removeAsOfTime"]
+        assert stamp.endswith("Z")
+        with engine.connect() as conn:
+            started = conn.execute(
+                select(delivery_attempts.c.started_at)
+                .order_by(delivery_attempts.c.started_at.desc())
+                .limit(1)
+            ).scalar_one()
+        cutoff = dt.datetime.fromisoformat(stamp)
+        assert started.replace(tzinfo=dt.UTC) <= cutoff <= dt.datetime.now(dt.UTC)
 
         extra, extra_expected = mixed_users(5, start=2_000)
         assert deliver(client, "s3", extra).status_code == 200
@@ -888,7 +933,7 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
 ) -> None:
     users, expected = mixed_users(30)
     google.fail(429, on="ingest", after=1)  # the second chunk of the first attempt
-    google.fail(503, on="removeAll", after=1)  # the second attempt's replace
+    google.fail(503, on="removeAll")  # the third attempt's replace, after its ingests
     google.fail(500, on="listUserLists")
     where = destinations(("google-ads", "google", options(google, chunk_size=10)))
     with serve(fast, engine, where) as client:
@@ -906,14 +951,14 @@ def test_rate_limits_and_transient_errors_are_retried_to_success(
         ("listUserLists", 500),
         ("listUserLists", 200),
         ("createUserList", 200),
-        ("removeAll", 200),
         ("ingest", 200),
         ("ingest", 429),
+        *[("ingest", 200)] * 3,
+        *[STATUS] * 3,
         ("removeAll", 503),
+        *[("ingest", 200)] * 3,
+        *[STATUS] * 3,
         ("removeAll", 200),
-        ("ingest", 200),
-        ("ingest", 200),
-        ("ingest", 200),
     ]
 
 
@@ -986,3 +1031,406 @@ def test_two_accounts_each_receive_the_segment(
     us, eu = the_list(google, ACCOUNT), the_list(google, "2222222222")
     assert google.members(ACCOUNT, us) == expected
     assert google.members("2222222222", eu) == expected
+
+
+# --- credentials that last: a credentials JSON refreshed by google-auth ---------------------
+
+CLIENT_ID = "123-emulated.apps.googleusercontent.com"
+CLIENT_SECRET = "GOCSPX-emulated-secret"
+REFRESH_TOKEN = "1//emulated-refresh-token"
+ROBOT = "audience@project.iam.gserviceaccount.com"
+
+
+@pytest.fixture(scope="module")
+def key() -> rsa.RSAPrivateKey:
+    """A service account's key, made for these tests."""
+    return rsa.generate_private_key(public_exponent=65_537, key_size=2048)
+
+
+def public_pem(private: rsa.RSAPrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def user_file(tmp_path: Path, google: GoogleEmulator, **change: Any) -> Path:
+    """An ``authorized_user`` JSON as ``gcloud auth application-default login`` writes it."""
+    info = {
+        "type": "authorized_user",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "refresh_token": REFRESH_TOKEN,
+        "token_uri": f"{google.base_url}/token",
+        **change,
+    }
+    path = tmp_path / "google-user.json"
+    path.write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
+    return path
+
+
+def robot_file(tmp_path: Path, google: GoogleEmulator, private: rsa.RSAPrivateKey) -> Path:
+    """A ``service_account`` key JSON, as the Cloud console downloads it."""
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "project",
+        "private_key_id": "k1",
+        "private_key": pem,
+        "client_email": ROBOT,
+        "client_id": "1001",
+        "token_uri": f"{google.base_url}/token",
+    }
+    path = tmp_path / "google-robot.json"
+    path.write_text(json.dumps(info))
+    return path
+
+
+def file_options(google: GoogleEmulator, path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "base_url": google.base_url,
+        "credentials_file": str(path),
+        "account_id": ACCOUNT,
+        "status_poll": 0.01,
+        **extra,
+    }
+
+
+def from_file(
+    google: GoogleEmulator, path: Path, clock: Callable[[], dt.datetime] | None = None
+) -> GoogleProvider:
+    config = DestinationConfig("google-ads", "google", file_options(google, path), line=1)
+    if clock is None:
+        return GoogleProvider.from_config(config)
+    return GoogleProvider.from_config(config, clock=clock)
+
+
+def chunks_of(users: list[dict[str, Any]], size: int, kind: str = "custom") -> list[Any]:
+    attempt = segment(kind)
+    return [
+        (attempt, chunk(users[i : i + size], i // size + 1, i + size >= len(users)))
+        for i in range(0, len(users), size)
+    ]
+
+
+def test_a_segment_outlives_its_first_token_refreshed_before_expiry(
+    google: GoogleEmulator, tmp_path: Path
+) -> None:
+    google.oauth_client(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN, ACCOUNT)
+    google.age_per_call = 1_000  # every call takes 1,000 s of Google's (and our) time
+
+    def clock() -> dt.datetime:
+        return dt.datetime.fromtimestamp(google.now(), dt.UTC)
+
+    users, expected = mixed_users(50)
+    run(from_file(google, user_file(tmp_path, google), clock), *chunks_of(users, 10))
+    assert google.members(ACCOUNT, the_list(google)) == expected
+    # the first token served four calls; the fifth came within five minutes of its expiry
+    # (3,600 s) on our clock, so a new one was minted first: Google refused nothing
+    assert all(status < 400 for _, status in google.routes())
+    assert google.tokens_issued() >= 2
+    tokens = [c.principal for c in google.calls_to("ingest")]
+    assert tokens[0] != tokens[-1] and tokens[0] is not None
+    grant = google.calls_to("token")[0]
+    form = dict(item.split("=", 1) for item in grant.body.decode().split("&"))
+    assert form["grant_type"] == "refresh_token"
+
+
+def test_an_expired_token_is_refreshed_once_and_the_call_retried(
+    fast: Settings, engine: Engine, google: GoogleEmulator, tmp_path: Path
+) -> None:
+    google.oauth_client(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN, ACCOUNT)
+    google.age_per_call = 1_000  # on Google's clock only: ours does not see the hour pass
+    users, expected = mixed_users(50)
+    path = user_file(tmp_path, google)
+    where = destinations(("google-ads", "google", file_options(google, path, chunk_size=10)))
+    with serve(fast, engine, where) as client:
+        assert deliver(client, "long", users, batch=10).status_code == 200
+        (delivery,) = status(client, "long")["deliveries"]
+    assert (delivery["state"], delivery["attempts"]) == ("succeeded", 1)
+    assert google.members(ACCOUNT, the_list(google)) == expected
+    routes = calls_made(google)
+    refused = routes.index(("ingest", 401))
+    assert routes[refused : refused + 3] == [("ingest", 401), ("token", 200), ("ingest", 200)]
+    answer = google.calls_to("ingest")[refused - 3].answer_json()
+    assert answer["error"]["status"] == "UNAUTHENTICATED"
+    assert answer["error"]["details"][0]["reason"] == "ACCESS_TOKEN_EXPIRED"
+
+
+def test_a_service_account_key_signs_its_grant(
+    google: GoogleEmulator, tmp_path: Path, key: rsa.RSAPrivateKey
+) -> None:
+    google.service_account(ROBOT, public_pem(key), ACCOUNT)
+    users, expected = mixed_users(5)
+    run(from_file(google, robot_file(tmp_path, google, key)), *chunks_of(users, 5))
+    assert google.members(ACCOUNT, the_list(google)) == expected
+    (grant,) = google.calls_to("token")
+    assert b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer" in grant.body
+    # signed by another key: Google cannot verify it, and says so; the delivery fails
+    google.service_account(ROBOT, public_pem(rsa.generate_private_key(65_537, 2048)), ACCOUNT)
+    with pytest.raises(PermanentError) as caught:
+        run(from_file(google, robot_file(tmp_path, google, key)), *chunks_of(users, 5))
+    assert not isinstance(caught.value, RetryableError)
+    assert str(caught.value) == (
+        "Google Data Manager: destination google-ads: refreshing the access token failed: "
+        "invalid_grant (Invalid JWT Signature.)"
+    )
+
+
+def test_a_refused_refresh_fails_naming_the_destination_not_the_secret(
+    google: GoogleEmulator, tmp_path: Path
+) -> None:
+    google.oauth_client(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN, ACCOUNT)
+    google.age_per_call = 4_000
+    users, _ = mixed_users(20)
+    google_provider = from_file(google, user_file(tmp_path, google))
+    run(google_provider, *chunks_of(users[:5], 5))  # a first token, now an hour old
+    google.revoke(REFRESH_TOKEN)
+    with pytest.raises(PermanentError) as caught:
+        run(google_provider, *chunks_of(users, 10))
+    message = str(caught.value)
+    assert message == (
+        "Google Data Manager: destination google-ads: refreshing the access token failed: "
+        "invalid_grant (Token has been expired or revoked.)"
+    )
+    assert CLIENT_SECRET not in message and REFRESH_TOKEN not in message
+    assert calls_made(google)[-2:] == [("ingest", 401), ("token", 400)]
+    wrong = user_file(tmp_path, google, client_secret="GOCSPX-wrong")
+    with pytest.raises(PermanentError, match=r"invalid_client \(Unauthorized\)"):
+        run(from_file(google, wrong), *chunks_of(users, 10))
+
+
+def test_the_token_endpoint_is_strict(google: GoogleEmulator, key: rsa.RSAPrivateKey) -> None:
+    google.oauth_client(CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN, ACCOUNT)
+    google.service_account(ROBOT, public_pem(key), ACCOUNT)
+    url = f"{google.base_url}/token"
+
+    def post(**form: str) -> tuple[int, Any]:
+        answer = httpx2.post(url, data=form)
+        return answer.status_code, answer.json()
+
+    good = {
+        "grant_type": "refresh_token",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "refresh_token": REFRESH_TOKEN,
+    }
+    status_code, body = post(**good)
+    assert status_code == 200 and body["token_type"] == "Bearer"
+    assert body["expires_in"] == 3600 and body["access_token"].startswith("ya29.")
+    assert post(**{**good, "client_id": "other"})[1]["error"] == "invalid_client"
+    assert post(**{**good, "refresh_token": "1//other"}) == (
+        400,
+        {"error": "invalid_grant", "error_description": "Token has been expired or revoked."},
+    )
+    assert post(**{**good, "grant_type": "password"})[1]["error"] == "unsupported_grant_type"
+    assert httpx2.post(url, json=good).status_code == 400  # a form, not JSON
+
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    signer = crypt.RSASigner.from_string(pem)  # type: ignore[no-untyped-call]
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    claims = {
+        "iss": ROBOT,
+        "aud": "https://oauth2.googleapis.com/token",
+        "scope": "https://www.googleapis.com/auth/datamanager",
+        "iat": now,
+        "exp": now + 3600,
+    }
+
+    def assertion(**change: Any) -> str:
+        signed: bytes = jwt.encode(signer, {**claims, **change})  # type: ignore[no-untyped-call]
+        return signed.decode()
+
+    bearer = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert post(grant_type=bearer, assertion=assertion())[0] == 200
+    for change in ({"exp": now + 7200}, {"iat": now - 7200, "exp": now - 3600}):
+        assert post(grant_type=bearer, assertion=assertion(**change))[1]["error"] == (
+            "invalid_grant"
+        )
+    assert post(grant_type=bearer, assertion=assertion(aud=url))[0] == 400
+    assert post(grant_type=bearer, assertion=assertion(scope="email"))[0] == 400
+    assert post(grant_type=bearer, assertion=assertion(iss="x@y.com"))[0] == 400
+    forged = assertion().rsplit(".", 1)[0] + ".AAAA"
+    assert post(grant_type=bearer, assertion=forged)[1] == {
+        "error": "invalid_grant",
+        "error_description": "Invalid JWT Signature.",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "change", "message"),
+    [
+        (None, {}, "credentials_file: no such file: "),
+        ("{not json", {}, "credentials_file: is not JSON: "),
+        ('{"type": "external_account"}', {}, "type must be authorized_user or service_account"),
+        (
+            '{"type": "authorized_user", "client_id": "x"}',
+            {},
+            "authorized_user credentials lack client_secret, refresh_token",
+        ),
+        (
+            '{"type": "service_account", "client_email": "a@b", "private_key": "x",'
+            ' "token_uri": "https://oauth2.googleapis.com/token"}',
+            {},
+            "service_account credentials cannot be read",
+        ),
+        (
+            '{"type": "authorized_user", "client_id": "a", "client_secret": "b",'
+            ' "refresh_token": "c", "token_uri": "file:///etc"}',
+            {},
+            "token_uri must be an http:// or https:// URL",
+        ),
+        ("{}", {"access_token": "ya29.x"}, "give access_token or credentials_file, not both"),
+    ],
+)
+def test_bad_credentials_stop_the_server_in_one_line(
+    tmp_path: Path, content: str | None, change: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "google.json"
+    if content is not None:
+        path.write_text(content)
+    toml = tmp_path / "destinations.toml"
+    extra = "".join(f'{key} = "{value}"\n' for key, value in change.items())
+    toml.write_text(
+        f'[[destinations]]\nid = "google-ads"\nkind = "google"\naccount_id = "1"\n'
+        f'credentials_file = "{path}"\n{extra}'
+    )
+    with pytest.raises(DestinationsError) as caught:
+        configured_destinations(toml, explicit=True, environ={})
+    text = str(caught.value)
+    assert "\n" not in text and message in text
+    assert text.startswith(f'{toml} line 5: destination "google-ads" field credentials_file: ')
+
+
+# --- outcomes: requestStatus:retrieve after the ingests ------------------------------------
+
+
+def test_outcomes_are_read_from_googles_status_shape() -> None:
+    assert outcomes.read({}) == outcomes.RequestOutcome(done=False)
+    partial = {
+        "requestStatusPerDestination": [
+            {
+                "requestStatus": "PARTIAL_SUCCESS",
+                "errorInfo": {
+                    "errorCounts": [
+                        {"recordCount": "2", "reason": "PROCESSING_ERROR_REASON_NO_CONSENT"},
+                        {"recordCount": "1", "reason": "PROCESSING_ERROR_REASON_INVALID_FORMAT"},
+                    ]
+                },
+            }
+        ]
+    }
+    assert outcomes.read(partial) == outcomes.RequestOutcome(done=True, rejected=3)
+    for pending in ("PROCESSING", "REQUEST_STATUS_UNKNOWN"):
+        answer = {"requestStatusPerDestination": [{"requestStatus": pending}]}
+        assert not outcomes.read(answer).done
+    failed = {
+        "requestStatusPerDestination": [
+            {
+                "requestStatus": "FAILED",
+                "errorInfo": {"errorCounts": [{"recordCount": "10", "reason": "R"}]},
+            }
+        ]
+    }
+    assert outcomes.read(failed).failure == "R: 10"
+
+
+def test_records_google_refused_count_as_invalid(
+    fast: Settings, engine: Engine, google: GoogleEmulator
+) -> None:
+    google.processing_polls = 2  # each request is still processing when first asked
+    google.fail_next_ingest("PROCESSING_ERROR_REASON_UNKNOWN_CONSENT", count=3)
+    users, expected = mixed_users(30)
+    where = destinations(("google-ads", "google", options(google, chunk_size=10, status_poll=0.01)))
+    with serve(fast, engine, where) as client:
+        assert deliver(client, "partial", [*users, *UNUSABLE]).status_code == 200
+        (delivery,) = status(client, "partial")["deliveries"]
+    assert (delivery["state"], delivery["invalidUsers"]) == ("succeeded", 3 + len(UNUSABLE))
+    held = google.members(ACCOUNT, the_list(google))
+    assert held < expected and len(held) == len(expected) - 3
+    ids = [c.json() for c in google.calls_to("ingest")]
+    polled = [c.params["requestId"] for c in google.calls_to("retrieveRequestStatus")]
+    # the three chunks of users were ingested (the unusable ones, last, were not sent); each
+    # request was asked three times: two PROCESSING answers, then its outcome
+    assert len(ids) == 3 and len(polled) == 3 * 3
+    answers = [c.answer_json()["requestId"] for c in google.calls_to("ingest")]
+    assert sorted(set(polled)) == sorted(answers)
+
+
+def test_a_failed_request_fails_the_delivery_and_a_replace_removes_nothing(
+    fast: Settings, engine: Engine, google: GoogleEmulator
+) -> None:
+    old, old_expected = mixed_users(20, start=5_000)
+    users, _ = mixed_users(30)
+    where = destinations(("google-ads", "google", options(google, chunk_size=10, status_poll=0.01)))
+    with serve(fast, engine, where) as client:
+        assert deliver(client, "before", old).status_code == 200
+        google.fail_next_ingest()  # the first ingest of the replace is processed as FAILED
+        response = deliver(client, "replace", users, kind="primary")
+        (delivery,) = status(client, "replace")["deliveries"]
+    assert response.status_code == 400
+    assert (delivery["state"], delivery["attempts"]) == ("failed", 1)
+    assert delivery["lastError"].startswith("Google Data Manager request ")
+    assert delivery["lastError"].endswith(" FAILED: PROCESSING_ERROR_REASON_INTERNAL_ERROR: 10")
+    assert google.calls_to("removeAll") == []
+    list_id = the_list(google)
+    held = google.members(ACCOUNT, list_id)
+    assert old_expected <= held and len(held) == 20 + 20  # the old, and two chunks of the new
+    assert min(size for _, size in google.sizes(ACCOUNT, list_id)) > 0
+
+
+def test_a_request_still_processing_is_not_waited_for(
+    google: GoogleEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    google.processing_polls = 10**6
+    users, expected = mixed_users(4)
+    google_provider = provider(google, status_wait=0.3, status_poll=0.05)
+    with caplog.at_level("WARNING", "audience_server.providers.google"):
+        (result,) = run(google_provider, (segment(), chunk(users)))
+    assert result.invalid == 0
+    polls = len(google.calls_to("retrieveRequestStatus"))
+    assert 2 <= polls <= 5  # 0.05, 0.1, then the rest of 0.3 s: bounded, backing off
+    (record,) = [r for r in caplog.records if "still processing" in r.getMessage()]
+    assert record.__dict__["requestIds"] == [
+        google.calls_to("ingest")[0].answer_json()["requestId"]
+    ]
+    assert google.members(ACCOUNT, the_list(google)) == expected
+    # status_wait = 0: the outcome is not read at all
+    run(provider(google, status_wait=0), (segment(), chunk(users)))
+    assert len(google.calls_to("retrieveRequestStatus")) == polls
+
+
+def test_missing_consent_is_not_claimed_and_google_may_refuse_it(
+    google: GoogleEmulator,
+) -> None:
+    google.require_consent(ACCOUNT)  # an account whose settings do not settle consent
+    users, expected = mixed_users(5)
+    with pytest.raises(PermanentError, match="FAILED: PROCESSING_ERROR_REASON_UNKNOWN_CONSENT: 5"):
+        run(provider(google, status_poll=0.01), (segment(), chunk(users)))
+    assert "consent" not in google.calls_to("ingest")[-1].json()
+    granted = {"adUserData": "CONSENT_GRANTED", "adPersonalization": "CONSENT_GRANTED"}
+    run(provider(google, status_poll=0.01, consent=granted), (segment(), chunk(users)))
+    assert google.members(ACCOUNT, the_list(google)) == expected
+    denied = {"adUserData": "CONSENT_DENIED"}
+    with pytest.raises(PermanentError, match="PROCESSING_ERROR_REASON_DENIED_CONSENT: 5"):
+        run(provider(google, status_poll=0.01, consent=denied), (segment(), chunk(users)))
+
+
+def test_an_unreadable_status_does_not_send_the_segment_again(
+    google: GoogleEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    users, expected = mixed_users(4)
+    google.fail(429, on="retrieveRequestStatus")  # over the project's quota
+    with caplog.at_level("WARNING", "audience_server.providers.google"):
+        (result,) = run(provider(google, status_poll=0.01), (segment("primary"), chunk(users)))
+    assert result.invalid == 0
+    assert calls_made(google)[-2:] == [("ingest", 200), ("removeAll", 200)]
+    assert any("status unreadable" in r.getMessage() for r in caplog.records)
+    assert google.members(ACCOUNT, the_list(google)) == expected

@@ -20,7 +20,7 @@ from .base import Provider
 REGISTRY: dict[str, str] = {
     "facebook": "audience_server.providers.meta:MetaProvider",
     "file": "audience_server.providers.file:FileProvider",
-    "google": "audience_server.providers.google:GoogleProvider",
+    "google": "audience_server.providers.google.provider:GoogleProvider",
     "klaviyo": "audience_server.providers.klaviyo:KlaviyoProvider",
     "tiktok": "audience_server.providers.tiktok:TikTokProvider",
     "webhook": "audience_server.providers.webhook:WebhookProvider",

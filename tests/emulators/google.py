@@ -5,10 +5,26 @@ JSON (``{"error": {"code", "message", "status", "details"}}``) when it refuses:
 
     GET|POST /v1/accountTypes/{type}/accounts/{id}/userLists    list (filter) / create
     POST     /v1/audienceMembers:ingest | :remove | :removeAll
+    GET      /v1/requestStatus:retrieve?requestId=...            an ingest's outcome
+    POST     /token                                               Google's OAuth 2 token endpoint
 
 - auth: ``Authorization: Bearer <token>`` of a token ``grant``-ed on the operating account,
   or on a ``loginAccount`` ``link``-ed as its manager (401 UNAUTHENTICATED, 403
-  PERMISSION_DENIED otherwise);
+  PERMISSION_DENIED otherwise); or of a token the token endpoint issued, for the accounts of
+  its ``oauth_client`` / ``service_account``, which expires ``token_lifetime`` seconds after
+  it was issued on the emulator's clock (``advance()`` moves it): then 401 UNAUTHENTICATED
+  with ErrorInfo reason ACCESS_TOKEN_EXPIRED;
+- token endpoint (form-encoded POST): ``grant_type=refresh_token`` with the client's id,
+  secret and refresh token, or ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer``
+  with an RS256 ``assertion`` whose signature is verified with the service account's public
+  key and whose claims are Google's (iss, scope, aud = this endpoint, iat, exp at most an hour
+  later); refusals in OAuth's JSON (``{"error": "invalid_grant", "error_description"}``);
+- outcomes: every ingest is recorded under its request id and answered by
+  ``requestStatus:retrieve`` as a ``RetrieveRequestStatusResponse`` (``PROCESSING`` for the
+  first ``processing_polls`` retrieves, then SUCCESS / PARTIAL_SUCCESS / FAILED with
+  ``errorInfo.errorCounts``); a member whose ``adUserData`` consent is CONSENT_DENIED, or has
+  none on an account that ``require_consent``-s, is refused there (not added), and
+  ``fail_next_ingest(reason)`` makes the next ingest FAILED (nothing added);
 - shape: unknown JSON fields refused; 1-10 destinations, each with ``operatingAccount``
   and the ``productDestinationId`` of a list of that account; 1-10,000 audience members
   of ``userData`` with 1-10 ``userIdentifiers``, each exactly one of ``emailAddress``,
@@ -20,6 +36,7 @@ JSON (``{"error": {"code", "message", "status", "details"}}``) when it refuses:
   of ``("emailAddress", hex)``, ``("phoneNumber", hex)``,
   ``("address", givenName hex, familyName hex, regionCode, postalCode)``, with the time it
   was last added (``removeAll`` removes members last added before its ``removeAsOfTime``);
+  ``sizes()`` is the list's size after every call that changed it, in order;
 - ``fail(status)`` answers with Google's error of that status (429 RESOURCE_EXHAUSTED,
   503 UNAVAILABLE, 403 PERMISSION_DENIED, ...: see FAILURES); each request's route is
   ingest, remove, removeAll, listUserLists, createUserList or unknown.
@@ -46,7 +63,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.emulators.base import Emulator, JsonBody, PlatformError
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from tests.emulators.base import Emulator, JsonBody, PlatformError, media_type
 from tests.emulators.loopback import HttpError, Incoming, Reply
 
 Account = tuple[str, str]  # (accountType, accountId)
@@ -68,11 +90,28 @@ AUTH_MESSAGE = (
 )
 DOMAIN = "datamanager.googleapis.com"
 _MEDIA = "application/json; charset=UTF-8"
+SCOPE = "https://www.googleapis.com/auth/datamanager"
+# The JWT-bearer grant's audience is Google's token endpoint whatever URL it was posted to
+# (https://developers.google.com/identity/protocols/oauth2/service-account#authorizingrequests:
+# "aud ... always https://oauth2.googleapis.com/token").
+GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+MAX_ASSERTION_LIFETIME = 3600  # same page: "exp ... a maximum of 1 hour after the issued time"
+CLOCK_SKEW = 300.0  # how far in the future an assertion's iat may be
+# RequestStatusPerDestination.RequestStatus and ProcessingErrorReason values used here
+# (googleapis/googleapis@7d4e6ae6c363b860a4856bc4e74acd8421ae27fc
+# google/ads/datamanager/v1/request_status_per_destination.proto and
+# @102d9f92ac6ed649a61efd9b208e4d1de278e9bb processing_errors.proto).
+DENIED_CONSENT = "PROCESSING_ERROR_REASON_DENIED_CONSENT"
+UNKNOWN_CONSENT = "PROCESSING_ERROR_REASON_UNKNOWN_CONSENT"
 
 _ROUTES = {
-    "/v1/audienceMembers:ingest": "ingest",
-    "/v1/audienceMembers:remove": "remove",
-    "/v1/audienceMembers:removeAll": "removeAll",
+    ("POST", "/v1/audienceMembers:ingest"): "ingest",
+    ("POST", "/v1/audienceMembers:remove"): "remove",
+    ("POST", "/v1/audienceMembers:removeAll"): "removeAll",
+    # ingestion_service.proto: rpc RetrieveRequestStatus, get: "/v1/requestStatus:retrieve"
+    ("GET", "/v1/requestStatus:retrieve"): "retrieveRequestStatus",
+    ("POST", "/token"): "token",
 }
 _RESOURCE = re.compile(r"accountTypes/([A-Z_]+)/accounts/([0-9]+)")
 _LISTS_PATH = re.compile(f"/v1/{_RESOURCE.pattern}/userLists")
@@ -147,6 +186,33 @@ def _rpc_error(
     return {"error": error}
 
 
+class OAuthError(PlatformError):
+    """A token endpoint refusal in OAuth 2's JSON (RFC 6749 section 5.2: ``error``,
+    ``error_description``; 400, or 401 for ``invalid_client``)."""
+
+    def __init__(self, error: str, description: str) -> None:
+        status = 401 if error == "invalid_client" else 400
+        document = {"error": error, "error_description": description}
+        super().__init__(status, description, document, content_type=_MEDIA)
+
+
+def _expired(method: str) -> GoogleError:
+    """What Google answers a bearer token past its expiry: UNAUTHENTICATED with ErrorInfo
+    reason ACCESS_TOKEN_EXPIRED in domain googleapis.com (https://cloud.google.com/apis/design/
+    errors, the standard error payload)."""
+    error = GoogleError(401, "UNAUTHENTICATED", AUTH_MESSAGE)
+    document: dict[str, Any] = error.document
+    document["error"]["details"] = [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "ACCESS_TOKEN_EXPIRED",
+            "domain": "googleapis.com",
+            "metadata": {"service": DOMAIN, "method": method},
+        }
+    ]
+    return error
+
+
 def invalid(
     message: str, *, reason: str = "INVALID_ARGUMENT", field: str | None = None
 ) -> GoogleError:
@@ -204,16 +270,113 @@ class UserList:
         return body
 
 
-class GoogleEmulator(Emulator):
-    """The Data Manager API on a loopback port; state is read with the accessors below."""
+@dataclass
+class _Client:
+    """An OAuth client and the refresh tokens a user granted it, with the user's accounts."""
 
-    def __init__(self) -> None:
+    secret: str
+    refresh_tokens: set[str]
+    accounts: set[Account]
+
+
+@dataclass
+class _ServiceAccount:
+    public_key: rsa.RSAPublicKey
+    accounts: set[Account]
+
+
+@dataclass
+class _Request:
+    """An ingest (or removeAll) as its requestStatus will tell it."""
+
+    statuses: list[dict[str, Any]]  # RequestStatusPerDestination, once processed
+    polls_left: int  # retrieves still answered PROCESSING
+
+
+class GoogleEmulator(Emulator):
+    """The Data Manager API and Google's token endpoint on a loopback port; state is read
+    with the accessors below."""
+
+    def __init__(self, token_lifetime: int = 3600) -> None:
         super().__init__(name="google-emulator")
         self._grants: dict[str, set[Account]] = {}
         self._managed: dict[Account, set[Account]] = {}
         self._lists: dict[Account, dict[str, UserList]] = {}
         self._members: dict[tuple[Account, str], dict[Member, float]] = {}
+        self._sizes: dict[tuple[Account, str], list[tuple[str, int]]] = {}
         self._ids = itertools.count(9_000_000_001)
+        self._clients: dict[str, _Client] = {}
+        self._robots: dict[str, _ServiceAccount] = {}
+        self._expiry: dict[str, float] = {}  # issued token -> when it expires (self.now())
+        self._issued = itertools.count(1)
+        self._offset = 0.0
+        self._requests: dict[str, _Request] = {}
+        self._consent_required: set[Account] = set()
+        self._fail_next: list[tuple[str, int | None]] = []
+        self.token_lifetime = token_lifetime
+        self.processing_polls = 0  # retrieves of a new request answered PROCESSING first
+        self.age_per_call = 0.0  # seconds the clock moves after each API call: time passing
+
+    # -- time and tokens -----------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The emulator's clock: real time plus what ``advance`` added (tokens age on it)."""
+        with self._cond:
+            return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the tokens the endpoint issued."""
+        with self._cond:
+            self._offset += seconds
+
+    def oauth_client(
+        self, client_id: str, secret: str, refresh_token: str, *account_ids: str
+    ) -> None:
+        """A user's refresh token for an OAuth client, good for the user's accounts."""
+        with self._cond:
+            client = self._clients.setdefault(client_id, _Client(secret, set(), set()))
+            client.refresh_tokens.add(refresh_token)
+            client.accounts |= {("GOOGLE_ADS", ident) for ident in account_ids}
+
+    def revoke(self, refresh_token: str) -> None:
+        """The user revoked the grant (or it lapsed): the token endpoint refuses it."""
+        with self._cond:
+            for client in self._clients.values():
+                client.refresh_tokens.discard(refresh_token)
+
+    def service_account(self, email: str, public_key_pem: bytes, *account_ids: str) -> None:
+        """A service account whose key's public half is ``public_key_pem``."""
+        key = load_pem_public_key(public_key_pem)
+        assert isinstance(key, rsa.RSAPublicKey)
+        with self._cond:
+            self._robots[email] = _ServiceAccount(key, {("GOOGLE_ADS", i) for i in account_ids})
+
+    def tokens_issued(self) -> int:
+        with self._cond:
+            return len(self._expiry)
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def require_consent(self, account_id: str, account_type: str = "GOOGLE_ADS") -> None:
+        """The account cannot settle consent itself: members without adUserData consent (theirs
+        or the request's) are refused with PROCESSING_ERROR_REASON_UNKNOWN_CONSENT."""
+        with self._cond:
+            self._consent_required.add((account_type, account_id))
+
+    def fail_next_ingest(
+        self, reason: str = "PROCESSING_ERROR_REASON_INTERNAL_ERROR", count: int | None = None
+    ) -> None:
+        """The next valid ingest is accepted, then processed with its first ``count`` members
+        refused for ``reason`` (None: all of them: FAILED, adding nobody)."""
+        with self._cond:
+            self._fail_next.append((reason, count))
+
+    def sizes(
+        self, account_id: str, list_id: str, account_type: str = "GOOGLE_ADS"
+    ) -> list[tuple[str, int]]:
+        """(route, members after it) for every call that changed the list, in order."""
+        with self._cond:
+            return list(self._sizes.get(((account_type, account_id), list_id), []))
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -259,7 +422,9 @@ class GoogleEmulator(Emulator):
         request_id = uuid.uuid4().hex  # a GoogleError is answered by the base
         route, account = self._route(incoming)
         incoming.route = route
-        incoming.principal = token = self._token(incoming)
+        if route == "token":
+            return self._token_endpoint(incoming)
+        incoming.principal = token = self._token(incoming, route)
         turn = self._take(incoming)
         turn.wait()
         if turn.reply is not None:
@@ -267,6 +432,7 @@ class GoogleEmulator(Emulator):
         body = self._json(incoming) if incoming.method == "POST" else None
         with self._cond:
             answer = self._serve(route, account, token, incoming, body, request_id)
+            self._offset += self.age_per_call
         return _rpc(200, answer)
 
     def _http_error(self, exc: HttpError) -> Reply:  # from reading the body
@@ -280,8 +446,8 @@ class GoogleEmulator(Emulator):
         return GoogleError(status, name, message, reason=reason).reply()
 
     def _route(self, incoming: Incoming) -> tuple[str, Account | None]:
-        route = _ROUTES.get(incoming.path)
-        if route is not None and incoming.method == "POST":
+        route = _ROUTES.get((incoming.method, incoming.path))
+        if route is not None:
             return route, None
         match = _LISTS_PATH.fullmatch(incoming.path)
         if match and incoming.method in ("GET", "POST"):
@@ -289,15 +455,118 @@ class GoogleEmulator(Emulator):
             return name, (match.group(1), match.group(2))
         raise GoogleError(404, "NOT_FOUND", f"Method not found: {incoming.method} {incoming.path}")
 
-    def _token(self, incoming: Incoming) -> str:
+    def _token(self, incoming: Incoming, route: str) -> str:
         scheme, _, token = incoming.headers.get("authorization", "").partition(" ")
         with self._cond:
             known = token in self._grants
+            expires = self._expiry.get(token)
+            expired = expires is not None and self.now() >= expires
         if scheme != "Bearer" or not known:
             raise GoogleError(
                 401, "UNAUTHENTICATED", AUTH_MESSAGE, reason="ACCESS_TOKEN_TYPE_UNSUPPORTED"
             )
+        if expired:
+            raise _expired(f"google.ads.datamanager.v1.IngestionService.{route}")
         return token
+
+    # -- the token endpoint ----------------------------------------------------------------------
+
+    def _token_endpoint(self, incoming: Incoming) -> Reply:
+        """Google's OAuth 2 token endpoint: the refresh-token grant
+        (https://developers.google.com/identity/protocols/oauth2/web-server#offline) and the
+        JWT-bearer grant of service accounts (.../oauth2/service-account#authorizingrequests),
+        refusals as RFC 6749 section 5.2."""
+        raw = incoming.read_body(MAX_BODY)
+        if media_type(incoming) != "application/x-www-form-urlencoded":
+            raise OAuthError("invalid_request", "Invalid Content-Type: form-urlencoded required.")
+        form = {key: values[-1] for key, values in parse_qs(raw.decode(errors="replace")).items()}
+        grant = form.get("grant_type")
+        with self._cond:
+            if grant == "refresh_token":
+                accounts = self._refresh_grant(form)
+            elif grant == JWT_BEARER:
+                accounts = self._jwt_grant(form)
+            elif not grant:
+                raise OAuthError("unsupported_grant_type", "Missing grant_type.")
+            else:
+                raise OAuthError("unsupported_grant_type", f"Invalid grant_type: {grant}")
+        turn = self._take(incoming)
+        turn.wait()
+        if turn.reply is not None:
+            return turn.reply
+        with self._cond:
+            token = f"ya29.emulated-{next(self._issued)}"
+            self._grants[token] = set(accounts)
+            self._expiry[token] = self.now() + self.token_lifetime
+            incoming.principal = token
+        answer = {
+            "access_token": token,
+            "expires_in": self.token_lifetime,
+            "scope": SCOPE,
+            "token_type": "Bearer",
+        }
+        return _rpc(200, answer)
+
+    def _refresh_grant(self, form: Mapping[str, str]) -> set[Account]:
+        for field in ("client_id", "client_secret", "refresh_token"):
+            if not form.get(field):
+                raise OAuthError("invalid_request", f"Missing required parameter: {field}")
+        client = self._clients.get(form["client_id"])
+        if client is None:
+            raise OAuthError("invalid_client", "The OAuth client was not found.")
+        if client.secret != form["client_secret"]:
+            raise OAuthError("invalid_client", "Unauthorized")
+        if form["refresh_token"] not in client.refresh_tokens:
+            raise OAuthError("invalid_grant", "Token has been expired or revoked.")
+        return set(client.accounts)
+
+    def _jwt_grant(self, form: Mapping[str, str]) -> set[Account]:
+        assertion = form.get("assertion", "")
+        parts = assertion.split(".")
+        if len(parts) != 3:
+            raise OAuthError("invalid_request", "Invalid JWT: malformed assertion.")
+        try:
+            header = json.loads(_b64url(parts[0]))
+            claims = json.loads(_b64url(parts[1]))
+            signature = _b64url(parts[2])
+        except (ValueError, binascii.Error):
+            raise OAuthError("invalid_request", "Invalid JWT: malformed assertion.") from None
+        if not isinstance(header, dict) or header.get("alg") != "RS256":
+            raise OAuthError("invalid_grant", "Invalid JWT: the algorithm must be RS256.")
+        issuer = claims.get("iss") if isinstance(claims, dict) else None
+        robot = self._robots.get(issuer) if isinstance(issuer, str) else None
+        if robot is None:
+            raise OAuthError("invalid_grant", "Invalid grant: account not found")
+        try:
+            robot.public_key.verify(
+                signature,
+                f"{parts[0]}.{parts[1]}".encode(),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except InvalidSignature:
+            raise OAuthError("invalid_grant", "Invalid JWT Signature.") from None
+        if claims.get("aud") != GOOGLE_TOKEN_ENDPOINT:
+            raise OAuthError("invalid_grant", "Invalid JWT: audience is not the token endpoint.")
+        if SCOPE not in str(claims.get("scope", "")).split():
+            raise OAuthError("invalid_scope", "The datamanager scope was not requested.")
+        issued, expires = claims.get("iat"), claims.get("exp")
+        # The assertion's times are the signer's: checked on the real clock (advance() ages
+        # the access tokens, not the service account's own clock).
+        now = time.time()
+        if (
+            not isinstance(issued, int)
+            or not isinstance(expires, int)
+            or issued > now + CLOCK_SKEW
+            or expires <= now
+            or expires - issued > MAX_ASSERTION_LIFETIME
+        ):
+            raise OAuthError(
+                "invalid_grant",
+                "Invalid JWT: Token must be a short-lived token (60 minutes) and in a "
+                "reasonable timeframe. Check your iat and exp values in the JWT claim.",
+            )
+        return set(robot.accounts)
 
     def _json(self, incoming: Incoming) -> dict[str, Any]:
         body: dict[str, Any] = _JSON_BODY.parse(incoming, incoming.read_body(MAX_BODY))
@@ -315,6 +584,8 @@ class GoogleEmulator(Emulator):
         if route == "listUserLists":
             assert account is not None
             return self._list_lists(account, token, incoming)
+        if route == "retrieveRequestStatus":
+            return self._retrieve(incoming)
         assert body is not None
         if route == "createUserList":
             assert account is not None
@@ -530,20 +801,41 @@ class GoogleEmulator(Emulator):
                 )
         validate_only = _validate_only(body)
         members = _members(body.get("audienceMembers"), encoding)
-        if not validate_only:
-            now = time.time()
-            for destination in destinations:
-                held = self._members.setdefault(destination, {})
-                if route == "ingest":
-                    for member in members:
+        if validate_only:
+            return {"requestId": request_id}
+        now = time.time()
+        statuses: list[dict[str, Any]] = []
+        failing = self._fail_next.pop(0) if route == "ingest" and self._fail_next else None
+        for raw, destination in zip(body["destinations"], destinations, strict=True):
+            held = self._members.setdefault(destination, {})
+            errors: dict[str, int] = {}
+            refusing = 0
+            if failing is not None:
+                refusing = len(members) if failing[1] is None else min(failing[1], len(members))
+                errors[failing[0]] = refusing
+            if route == "ingest":
+                request_consent = (body.get("consent") or {}).get("adUserData")
+                for member, member_consent in members[refusing:]:
+                    # ingestion_service.proto: "User-level consent overrides request-level".
+                    consent = member_consent or request_consent
+                    refused = _refusal(consent, destination[0] in self._consent_required)
+                    if refused is None:
                         held[member] = now
-                else:  # a removal names identifiers; any member holding one of them goes
-                    gone = set().union(*members)
-                    for member in [m for m in held if m & gone]:
-                        del held[member]
+                    else:
+                        errors[refused] = errors.get(refused, 0) + 1
+            else:  # a removal names identifiers; any member holding one of them goes
+                gone = set().union(*(member for member, _ in members))
+                for member in [m for m in held if m & gone]:
+                    del held[member]
+            self._sizes.setdefault(destination, []).append((route, len(held)))
+            statuses.append(_status_of(route, raw, members, errors))
+        self._requests[request_id] = _Request(statuses, self.processing_polls)
         return {"requestId": request_id}
 
     def _remove_all(self, token: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """removeAll as its REST reference says (developers.google.com/data-manager/api/
+        reference/rest/v1/audienceMembers/removeAll): ``removeAsOfTime`` removes the members
+        "last added before" it, default now."""
         _fields(body, "", {"destinations", "removeAsOfTime", "validateOnly"})
         destinations = self._destinations(token, body)
         now = time.time()
@@ -555,11 +847,82 @@ class GoogleEmulator(Emulator):
                     "The remove as of time must not be in the future.", field="remove_as_of_time"
                 )
         if not _validate_only(body):
-            for destination in destinations:
+            statuses: list[dict[str, Any]] = []
+            for raw, destination in zip(body["destinations"], destinations, strict=True):
                 held = self._members.get(destination, {})
                 for member in [m for m, added in held.items() if added < cutoff]:
                     del held[member]
+                self._sizes.setdefault(destination, []).append(("removeAll", len(held)))
+                statuses.append({"destination": raw, "requestStatus": "SUCCESS"})
+            self._requests[request_id] = _Request(statuses, self.processing_polls)
         return {"requestId": request_id}
+
+    def _retrieve(self, incoming: Incoming) -> dict[str, Any]:
+        """A ``RetrieveRequestStatusResponse`` (ingestion_service.proto): one
+        RequestStatusPerDestination per destination, in the request's order."""
+        query = parse_qs(incoming.query)
+        wanted = (query.get("requestId") or query.get("request_id") or [""])[-1]
+        if not wanted:
+            raise _missing("request_id")
+        request = self._requests.get(wanted)
+        if request is None:  # the emulator's reading: an id Google never issued
+            raise GoogleError(404, "NOT_FOUND", "Request ID not found.", reason="NOT_FOUND")
+        if request.polls_left > 0:
+            request.polls_left -= 1
+            return {
+                "requestStatusPerDestination": [
+                    {"destination": item["destination"], "requestStatus": "PROCESSING"}
+                    for item in request.statuses
+                ]
+            }
+        return {"requestStatusPerDestination": request.statuses}
+
+
+def _refusal(consent: str | None, required: bool) -> str | None:
+    """The ProcessingErrorReason that keeps a member out, if any (processing_errors.proto:
+    DENIED_CONSENT "ad user data is denied"; UNKNOWN_CONSENT "could not be determined")."""
+    if consent == "CONSENT_DENIED":
+        return DENIED_CONSENT
+    if required and consent != "CONSENT_GRANTED":
+        return UNKNOWN_CONSENT
+    return None
+
+
+def _status_of(
+    route: str,
+    destination: dict[str, Any],
+    members: list[tuple[Member, str | None]],
+    errors: Mapping[str, int],
+) -> dict[str, Any]:
+    """A processed request's RequestStatusPerDestination in proto3 JSON (int64 as strings).
+    Which status a wholly refused request gets is not in the protos: FAILED here."""
+    refused = sum(errors.values())
+    if not refused:
+        state = "SUCCESS"
+    elif refused < len(members):
+        state = "PARTIAL_SUCCESS"
+    else:
+        state = "FAILED"
+    status: dict[str, Any] = {"destination": destination, "requestStatus": state}
+    if errors:
+        status["errorInfo"] = {
+            "errorCounts": [
+                {"recordCount": str(count), "reason": reason} for reason, count in errors.items()
+            ]
+        }
+    counts = {
+        "recordCount": str(len(members)),
+        "userIdentifierCount": str(sum(len(member) for member, _ in members)),
+    }
+    if route == "ingest":
+        status["audienceMembersIngestionStatus"] = {"userDataIngestionStatus": counts}
+    else:
+        status["audienceMembersRemovalStatus"] = {"userDataRemovalStatus": counts}
+    return status
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _rpc(status: int, answer: Mapping[str, Any]) -> Reply:
@@ -616,7 +979,8 @@ def _validate_only(body: dict[str, Any]) -> bool:
     return value
 
 
-def _members(value: Any, encoding: str) -> list[Member]:
+def _members(value: Any, encoding: str) -> list[tuple[Member, str | None]]:
+    """Each member's identifiers, and its own adUserData consent if it has one."""
     items = _items(
         value,
         "audience_members",
@@ -624,7 +988,7 @@ def _members(value: Any, encoding: str) -> list[Member]:
         "Maximum number of audience members allowed per request is 10,000.",
         "TOO_MANY_AUDIENCE_MEMBERS",
     )
-    members: list[Member] = []
+    members: list[tuple[Member, str | None]] = []
     for index, item in enumerate(items):
         where = f"audience_members[{index}]"
         _fields(item, where, {"destinationReferences", "consent", *_DATA_KINDS})
@@ -650,7 +1014,8 @@ def _members(value: Any, encoding: str) -> list[Member]:
             _identifier(ident, f"{where}.user_data.user_identifiers[{position}]", encoding)
             for position, ident in enumerate(identifiers)
         ]
-        members.append(frozenset(parts))
+        consent = (item.get("consent") or {}).get("adUserData")
+        members.append((frozenset(parts), consent))
     return members
 
 

@@ -1,85 +1,36 @@
-"""``google``: Google Customer Match through the Data Manager API.
+"""The ``google`` provider: Customer Match lists through the Data Manager API.
 
 Endpoints (base ``https://datamanager.googleapis.com``, option ``base_url``):
 
     GET  /v1/accountTypes/{type}/accounts/{id}/userLists?filter=display_name = "<name>"
     POST /v1/accountTypes/{type}/accounts/{id}/userLists      create the list when missing
-    POST /v1/audienceMembers:removeAll                         first step of a ``primary``
     POST /v1/audienceMembers:ingest                            one call per chunk
+    GET  /v1/requestStatus:retrieve?requestId=...              each ingest's outcome
+    POST /v1/audienceMembers:removeAll                         last step of a ``primary``
 
-Auth: ``Authorization: Bearer <access_token>`` (OAuth 2 scope
-``https://www.googleapis.com/auth/datamanager``; no developer token). The server does not
-refresh tokens: the operator supplies a valid one through ``${ENV}`` in the destinations
-file (e.g. minted by ``gcloud auth print-access-token`` or for a service account), and
-restarts the server when it rotates. An expired token fails the delivery with Google's
-UNAUTHENTICATED message; after a restart with a fresh one,
-``POST /audience/sessions/{id}/retry`` sends the segment again.
-
-Options: ``access_token`` and ``account_id`` (the operating account; ``123-456-7890`` is
-read as digits) are required; ``account_type`` (default ``GOOGLE_ADS``; also
-``DISPLAY_VIDEO_PARTNER``, ``DISPLAY_VIDEO_ADVERTISER``, ``DATA_PARTNER``);
-``login_account_id`` / ``login_account_type`` (a manager account) and ``linked_account_id``
-/ ``linked_account_type``; ``user_list_id``, ``user_lists``, ``membership_days`` (1-540);
-``consent``; ``chunk_size``; ``timeout`` seconds (default 30); ``base_url``.
-
-Which list: ``user_lists`` maps a segment name at the destination (prefix applied, e.g.
-``{ "blotout_VIP" = "5551234" }``) to a list id, and ``user_list_id`` is the list for every
-other name (then a ``primary`` of any segment empties that one shared list). Without either,
-the list is the one whose display name is the segment name in the operating account,
-created (``CONTACT_ID`` upload keys, ``membership_days`` when set) when there is none; the
-userLists calls carry the login/linked account as ``login-account`` / ``linked-account``
-headers. Found ids are remembered per segment name; a remembered list that Google no
-longer knows is forgotten and the attempt retried, so the next attempt looks it up again.
-
-Batching: at most 10,000 audience members per request (option ``chunk_size``, default and
-maximum 10,000), at most 10 identifiers per member (this adapter sends at most 3).
-``custom`` ingests (adds). ``primary`` first calls ``removeAll`` on the list (members last
-added before that request are removed; Google stamps the time), then ingests the segment,
-so the list ends as exactly this segment. A failed attempt starts over with ``removeAll``.
-
-What is sent per user (SHA-256, lowercase hex, ``encoding: HEX``; a value that already is
-a SHA-256 hex digest passes through):
-
-- ``emailAddress``: trimmed, whitespace removed, lowercase; on gmail.com / googlemail.com
-  the local part also loses its dots and any ``+tag`` (Google's "Format user data" page);
-- ``phoneNumber``: E.164 with ``+``, national numbers read in the user's ``country``;
-- ``address``: ``givenName`` and ``familyName`` (lowercase, no punctuation, no honorific
-  or generational suffix) hashed; ``regionCode`` (ISO alpha-2, uppercase) and
-  ``postalCode`` NOT hashed; all four or no address.
-
-A user with none of the three is invalid (counted, not sent). ``externalId`` is not sent:
-it matches only USER_ID lists, not contact-info ones.
-
-Request-level ``consent`` (``adUserData``, ``adPersonalization``: ``CONSENT_GRANTED`` /
-``CONSENT_DENIED`` / ``CONSENT_STATUS_UNSPECIFIED``) is sent only when configured: the
-server does not claim consent it was not told about. Every ingest states
-``termsOfService.customerMatchTermsOfServiceStatus = ACCEPTED``, which Google requires for
-Customer Match: configuring this destination is accepting those terms.
-
-Errors come as google.rpc status JSON ``{"error": {"code", "message", "status",
-"details"}}``; its ``status`` decides. RESOURCE_EXHAUSTED (429), UNAVAILABLE, INTERNAL,
-ABORTED, DEADLINE_EXCEEDED and UNKNOWN are retried, as are 408/429/5xx answers without
-that JSON, timeouts and connection errors (``Retry-After``, else ``RetryInfo.retryDelay``,
-honoured). Every other status (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED,
-NOT_FOUND, ...) fails the delivery at once. The reason kept is Google's message with its
-ErrorInfo reasons and first field violation, e.g. ``Google Data Manager 403
-PERMISSION_DENIED: The caller does not have permission [PERMISSION_DENIED]``.
+The package's docstring (``__init__``) says what a destination accepts; this module holds
+the calls, their order and their errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from .. import normalize
-from ..destinations import DestinationConfig, OptionError
-from . import options as check
-from .base import Chunk, ChunkResult, DeliveryError, PermanentError, RetryableError, Segment
-from .http import HttpAdapter, excerpt, parse_retry_after, retryable_status, status_error
+from ...clock import Clock, utcnow
+from ...destinations import DestinationConfig, OptionError
+from .. import options as check
+from ..base import Chunk, ChunkResult, DeliveryError, PermanentError, RetryableError, Segment
+from ..http import HttpAdapter, excerpt, parse_retry_after, retryable_status, status_error
+from . import credentials, outcomes
+from .credentials import StaticToken, TokenSource
+from .identifiers import audience_members
 
 log = logging.getLogger("audience_server.providers.google")
 
@@ -94,91 +45,13 @@ RETRYABLE_STATUSES = frozenset(
     {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "ABORTED", "DEADLINE_EXCEEDED", "UNKNOWN"}
 )
 LIST_GONE_REASONS = frozenset({"INVALID_USER_LIST_ID", "NOT_FOUND"})
+STATUS_WAIT = 60.0  # seconds an attempt waits for Google's outcomes at most
+STATUS_POLL = 2.0  # the first pause between retrieve rounds; doubled up to STATUS_POLL_CAP
+STATUS_POLL_CAP = 15.0
 
 _ACCOUNT_ID = re.compile(r"[0-9]{1,20}")
 _LIST_ID = re.compile(r"[0-9]{1,20}")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)s")
-_HONORIFICS = frozenset({"mr", "mrs", "ms", "miss", "mx", "dr"})
-_SUFFIXES = frozenset({"jr", "sr", "ii", "iii", "iv"})
-
-
-# --- normalization: the Data Manager rules on top of audience_server.normalize -----------
-
-
-def email(value: object) -> str | None:
-    """Google's email form: gmail.com / googlemail.com lose local-part dots and ``+tag``;
-    other domains keep both (``normalize.email(drop_plus=True)`` would strip every domain)."""
-    text = normalize.email(value, dots="gmail")
-    if text is None or normalize.is_sha256(text):
-        return text
-    local, _, domain = text.rpartition("@")
-    if domain in normalize.GMAIL_DOMAINS:
-        local = local.split("+", 1)[0]
-        if not local:
-            return None
-    return f"{local}@{domain}"
-
-
-def name(value: object) -> str | None:
-    """``normalize.name`` after dropping a leading honorific (Mrs.) and trailing
-    generational suffixes (Jr.), as Google asks; a lone word is kept whatever it is."""
-    if not isinstance(value, str):
-        return None
-    words = value.split()
-    while len(words) > 1 and normalize.name(words[0]) in _HONORIFICS:
-        words.pop(0)
-    while len(words) > 1 and normalize.name(words[-1]) in _SUFFIXES:
-        words.pop()
-    return normalize.name(" ".join(words))
-
-
-def audience_member(user: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ``AudienceMember`` for one user as received, or None when nothing is usable."""
-    identifiers: list[dict[str, Any]] = []
-    hashed_email = normalize.hashed(user.get("email"), email)
-    if hashed_email is not None:
-        identifiers.append({"emailAddress": hashed_email})
-    raw_country = user.get("country")
-    country = raw_country if isinstance(raw_country, str) else None
-    phone = normalize.hashed(user.get("phone"), lambda value: normalize.phone_e164(value, country))
-    if phone is not None:
-        identifiers.append({"phoneNumber": phone})
-    address = _address(user)
-    if address is not None:
-        identifiers.append({"address": address})
-    if not identifiers:
-        return None
-    return {"userData": {"userIdentifiers": identifiers}}
-
-
-def _address(user: Mapping[str, Any]) -> dict[str, str] | None:
-    region = normalize.country(user.get("country"))
-    if region is None:
-        return None
-    given = normalize.hashed(user.get("firstName"), name)
-    family = normalize.hashed(user.get("lastName"), name)
-    postal = normalize.postal_code(user.get("postalCode"), region)
-    if given is None or family is None or postal is None:
-        return None
-    return {
-        "givenName": given,
-        "familyName": family,
-        "regionCode": region.upper(),
-        "postalCode": postal,
-    }
-
-
-def audience_members(users: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The members to send and how many users had nothing usable."""
-    members: list[dict[str, Any]] = []
-    invalid = 0
-    for user in users:
-        member = audience_member(user)
-        if member is None:
-            invalid += 1
-        else:
-            members.append(member)
-    return members, invalid
 
 
 # --- the provider --------------------------------------------------------------------------
@@ -196,7 +69,8 @@ class GoogleProvider(HttpAdapter):
     def __init__(
         self,
         *,
-        access_token: str,
+        access_token: str | None = None,
+        tokens: TokenSource | None = None,
         account_type: str,
         account_id: str,
         login_account: tuple[str, str] | None = None,
@@ -207,9 +81,15 @@ class GoogleProvider(HttpAdapter):
         membership_days: int | None = None,
         chunk_size: int = MAX_MEMBERS,
         timeout: float = 30.0,
+        status_wait: float = STATUS_WAIT,
+        status_poll: float = STATUS_POLL,
         base_url: str = DEFAULT_BASE_URL,
+        clock: Clock = utcnow,
     ) -> None:
+        if (access_token is None) == (tokens is None):
+            raise TypeError("a GoogleProvider takes an access_token or tokens, not both")
         self.access_token = access_token
+        self.tokens: TokenSource = tokens if tokens is not None else StaticToken(access_token or "")
         self.account_type = account_type
         self.account_id = account_id
         self.login_account = login_account
@@ -220,13 +100,30 @@ class GoogleProvider(HttpAdapter):
         self.membership_days = membership_days
         self.chunk_size = chunk_size
         self.timeout = timeout
+        self.status_wait = status_wait
+        self.status_poll = status_poll
         self.base_url = base_url.rstrip("/")
+        self.clock = clock
         self._lists: dict[str, str] = {}  # segment name -> list id found or created
 
     @classmethod
-    def from_config(cls, config: DestinationConfig) -> GoogleProvider:
+    def from_config(cls, config: DestinationConfig, clock: Clock = utcnow) -> GoogleProvider:
         options = config.options
-        token = check.token(options, "access_token", "an OAuth 2 access token")
+        timeout = check.seconds(options, "timeout", 30)
+        tokens: TokenSource | None = None
+        token: str | None = None
+        if options.get("credentials_file") is not None:
+            if options.get("access_token") is not None:
+                raise OptionError(
+                    "credentials_file", "give access_token or credentials_file, not both"
+                )
+            tokens = credentials.load(
+                options["credentials_file"], destination=config.id, timeout=timeout, clock=clock
+            )
+        else:
+            token = check.token(
+                options, "access_token", "an OAuth 2 access token, or set credentials_file"
+            )
         account_type = check.choice(options, "account_type", "GOOGLE_ADS", ACCOUNT_TYPES)
         account_id = _account_id(options, "account_id", required=True)
         assert account_id is not None
@@ -247,10 +144,9 @@ class GoogleProvider(HttpAdapter):
             membership_days = check.positive_int(
                 options, "membership_days", MAX_MEMBERSHIP_DAYS, MAX_MEMBERSHIP_DAYS
             )
-        timeout = check.seconds(options, "timeout", 30)
-        base_url = check.http_url(options, "base_url", DEFAULT_BASE_URL)
         return cls(
             access_token=token,
+            tokens=tokens,
             account_type=account_type,
             account_id=account_id,
             login_account=login,
@@ -261,22 +157,37 @@ class GoogleProvider(HttpAdapter):
             membership_days=membership_days,
             chunk_size=check.positive_int(options, "chunk_size", MAX_MEMBERS, MAX_MEMBERS),
             timeout=timeout,
-            base_url=base_url,
+            status_wait=_non_negative(options, "status_wait", STATUS_WAIT),
+            status_poll=check.seconds(options, "status_poll", STATUS_POLL),
+            base_url=check.http_url(options, "base_url", DEFAULT_BASE_URL),
+            clock=clock,
         )
 
     # --- sending ---------------------------------------------------------------------------
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
+        """Ingest the chunk; after the last one, read the outcomes of this attempt's ingests
+        and, for a ``primary``, remove the members last added before the attempt began."""
+        state = segment.state
+        state.setdefault("started_at", self.clock())
+        requests: list[str] = state.setdefault("request_ids", [])
         members, invalid = audience_members(chunk.users)
         status: int | None = None
-        if chunk.index == 1 and segment.type == "primary":
-            status = await self._on_list(segment, self._remove_all)
         if members:
 
             async def ingest(list_id: str) -> int:
-                return await self._ingest(list_id, members)
+                return await self._ingest(list_id, members, requests)
 
             status = await self._on_list(segment, ingest)
+        if chunk.last:
+            invalid += await self._outcomes(requests)
+            if segment.type == "primary":
+                started: dt.datetime = state["started_at"]
+
+                async def remove_all(list_id: str) -> int:
+                    return await self._remove_all(list_id, started)
+
+                status = await self._on_list(segment, remove_all)
         return ChunkResult(invalid=invalid, status=status)
 
     async def _on_list(self, segment: Segment, call: Callable[[str], Awaitable[int]]) -> int:
@@ -347,12 +258,20 @@ class GoogleProvider(HttpAdapter):
         )
         return list_id
 
-    async def _remove_all(self, list_id: str) -> int:
-        body = {"destinations": [self._destination(list_id)]}
+    async def _remove_all(self, list_id: str, before: dt.datetime) -> int:
+        """Remove the members last added before ``before`` (the attempt's start): the old
+        members go, this attempt's stay, and the list was never empty on the way."""
+        stamp = before.astimezone(dt.UTC).isoformat(timespec="microseconds")
+        body = {
+            "destinations": [self._destination(list_id)],
+            "removeAsOfTime": stamp.replace("+00:00", "Z"),
+        }
         status, _ = await self._call("POST", "/v1/audienceMembers:removeAll", json=body)
         return status
 
-    async def _ingest(self, list_id: str, members: Sequence[dict[str, Any]]) -> int:
+    async def _ingest(
+        self, list_id: str, members: Sequence[dict[str, Any]], requests: list[str]
+    ) -> int:
         body: dict[str, Any] = {
             "destinations": [self._destination(list_id)],
             "audienceMembers": members,
@@ -362,15 +281,70 @@ class GoogleProvider(HttpAdapter):
         if self.consent is not None:
             body["consent"] = self.consent
         status, answer = await self._call("POST", "/v1/audienceMembers:ingest", json=body)
+        request_id = answer.get("requestId")
+        if isinstance(request_id, str) and request_id:
+            requests.append(request_id)
         log.debug(
             "google ingest accepted",
-            extra={
-                "userListId": list_id,
-                "members": len(members),
-                "requestId": answer.get("requestId"),
-            },
+            extra={"userListId": list_id, "members": len(members), "requestId": request_id},
         )
         return status
+
+    async def _outcomes(self, requests: Sequence[str]) -> int:
+        """Poll the ingests' outcomes (backing off, ``status_wait`` seconds at most): the
+        records Google refused, or PermanentError when a request FAILED. Requests still
+        processing at the bound, or whose status cannot be read, are logged and left."""
+        pending = list(dict.fromkeys(requests))
+        rejected = 0
+        if not pending or self.status_wait <= 0:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.status_wait
+        pause = self.status_poll
+        while True:
+            still: list[str] = []
+            for request_id in pending:
+                try:
+                    outcome = await self._retrieve(request_id)
+                except DeliveryError as exc:
+                    # The ingests were accepted: a status read that fails (over quota, say)
+                    # must not send the whole segment again. Logged, not waited for.
+                    log.warning(
+                        "google request status unreadable; not waited for",
+                        extra={"requestIds": pending, "error": str(exc)},
+                    )
+                    return rejected
+                if outcome.failure is not None:
+                    raise PermanentError(
+                        f"Google Data Manager request {request_id} FAILED: {outcome.failure}"
+                    )
+                if outcome.done:
+                    rejected += outcome.rejected
+                else:
+                    still.append(request_id)
+            pending = still
+            if not pending:
+                return rejected
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning(
+                    "google requests still processing; their outcome is not waited for",
+                    extra={"requestIds": pending, "waited": self.status_wait},
+                )
+                return rejected
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, STATUS_POLL_CAP)
+
+    async def _retrieve(self, request_id: str) -> outcomes.RequestOutcome:
+        try:
+            _, answer = await self._call(
+                "GET", "/v1/requestStatus:retrieve", params={"requestId": request_id}
+            )
+        except PermanentError as exc:
+            if exc.status == 404:  # not visible yet: treated as still processing
+                return outcomes.RequestOutcome(done=False)
+            raise
+        return outcomes.read(answer)
 
     def _destination(self, list_id: str) -> dict[str, Any]:
         destination: dict[str, Any] = {
@@ -400,15 +374,14 @@ class GoogleProvider(HttpAdapter):
         headers: bool = False,
     ) -> tuple[int, dict[str, Any]]:
         """One request; the status and JSON object of a 2xx answer, else a DeliveryError.
-        ``headers``: send the login/linked account as headers (the userLists methods)."""
-        sent = {"Authorization": f"Bearer {self.access_token}", "Accept": "application/json"}
-        if headers and self.login_account is not None:
-            sent["login-account"] = "accountTypes/{}/accounts/{}".format(*self.login_account)
-        if headers and self.linked_account is not None:
-            sent["linked-account"] = "accountTypes/{}/accounts/{}".format(*self.linked_account)
-        response = await self.request(
-            method, self.base_url + path, json=json, params=params, headers=sent
-        )
+        ``headers``: send the login/linked account as headers (the userLists methods).
+        An UNAUTHENTICATED answer to a refreshable token refreshes it and tries once more."""
+        token = await self.tokens.token()
+        response = await self._exchange(method, path, token, json, params, headers)
+        unauthenticated = _rpc_status(response.content) == "UNAUTHENTICATED"
+        if response.status_code == 401 and unauthenticated and self.tokens.refreshable:
+            token = await self.tokens.refresh(token)
+            response = await self._exchange(method, path, token, json, params, headers)
         if 200 <= response.status_code < 300:
             try:
                 body = orjson.loads(response.content) if response.content else {}
@@ -416,6 +389,29 @@ class GoogleProvider(HttpAdapter):
                 body = {}
             return response.status_code, body if isinstance(body, dict) else {}
         raise platform_error(response.status_code, response.content, response.headers)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        json: Any,
+        params: Mapping[str, str] | None,
+        headers: bool,
+    ) -> Any:
+        sent = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if headers and self.login_account is not None:
+            sent["login-account"] = "accountTypes/{}/accounts/{}".format(*self.login_account)
+        if headers and self.linked_account is not None:
+            sent["linked-account"] = "accountTypes/{}/accounts/{}".format(*self.linked_account)
+        return await self.request(
+            method, self.base_url + path, json=json, params=params, headers=sent
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients, the token endpoint's too."""
+        self.tokens.close()
+        await super().aclose()
 
 
 def platform_error(
@@ -446,6 +442,17 @@ def platform_error(
     if LIST_GONE_REASONS & {*reasons, code_name or ""}:
         return _ListGone(text, status=status)
     return PermanentError(text, status=status)
+
+
+def _rpc_status(content: bytes) -> str | None:
+    """The google.rpc ``status`` name of an error answer, if it is one."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    status = error.get("status") if isinstance(error, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def _details(details: object) -> tuple[list[str], str | None, float | None]:
@@ -524,6 +531,14 @@ def _list_id(value: object, field: str) -> str | None:
     if not isinstance(value, str) or not _LIST_ID.fullmatch(value.strip()):
         raise OptionError(field, "must be a numeric user list id")
     return value.strip()
+
+
+def _non_negative(options: Mapping[str, Any], name: str, default: float) -> float:
+    """Seconds, zero allowed (``status_wait = 0``: do not wait for outcomes)."""
+    value = options.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise OptionError(name, "must be a number of seconds, zero or more")
+    return float(value)
 
 
 def _consent(value: object) -> dict[str, str] | None:
