@@ -5,6 +5,7 @@ the profiles and list memberships the emulated account ends up holding."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -267,6 +268,9 @@ def test_job_bodies_split_by_count_and_by_size() -> None:
         ({"poll_interval": 0}, "poll_interval"),
         ({"job_timeout": "soon"}, "job_timeout"),
         ({"timeout": True}, "timeout"),
+        ({"list_read_timeout": 0}, "list_read_timeout"),
+        ({"list_read_burst": 0}, "list_read_burst"),
+        ({"list_read_steady": 1.5}, "list_read_steady"),
     ],
 )
 def test_options_are_validated(changes: dict[str, Any], field: str) -> None:
@@ -284,7 +288,8 @@ def test_option_defaults() -> None:
         "2026-07-15",
         10_000,
     )
-    assert (made.poll_interval, made.job_timeout) == (1.0, 300.0)
+    assert (made.poll_interval, made.job_timeout, made.list_read_timeout) == (1.0, 300.0, 3600.0)
+    assert (made._read_pace.burst, made._read_pace.steady) == (75, 700)
     revised = {"api_key": "pk_x", "revision": "2025-01-15.pre"}
     assert KlaviyoProvider.from_config(DestinationConfig("k", "klaviyo", revised, 1)).revision
 
@@ -453,6 +458,45 @@ def test_emulator_pages_and_limits_relationships(
     assert http.request("PATCH", "/api/lists", json={}, headers=headers()).status_code == 405
 
 
+def test_emulator_pages_members_by_a_cursor_that_removals_do_not_shift(
+    http: httpx2.Client, klaviyo: KlaviyoEmulator
+) -> None:
+    list_id = klaviyo.create_list("L")
+    klaviyo.fill_list(list_id, simple_profiles(0, 250))
+    members = f"/api/lists/{list_id}/relationships/profiles"
+    first = http.get(members, headers=headers()).json()
+    assert len(first["data"]) == 20  # the spec's default page size
+    page = http.get(members, params={"page[size]": "100"}, headers=headers()).json()
+    ids = [item["id"] for item in page["data"]]
+    assert ids == klaviyo.member_ids("L")[:100]
+    gone = {"data": [{"type": "profile", "id": pid} for pid in ids[50:]]}
+    assert http.request("DELETE", members, json=gone, headers=headers()).status_code == 204
+    following = httpx2.URL(page["links"]["next"])
+    second = http.get(following.path, params=following.params, headers=headers()).json()
+    assert [item["id"] for item in second["data"]] == klaviyo.member_ids("L")[50:150]
+    assert set(page["links"]) == {"self", "next"}
+    bad = http.get(members, params={"page[cursor]": "nonsense"}, headers=headers())
+    assert (bad.status_code, first_error(bad)["source"]) == (400, {"parameter": "page[cursor]"})
+
+
+def test_emulator_throttles_member_reads_per_fixed_window(klaviyo: KlaviyoEmulator) -> None:
+    with (
+        KlaviyoEmulator(KEY, rate_scale=0.04) as strict,  # 3 a second, 30 a minute
+        httpx2.Client(base_url=strict.base_url, timeout=30) as client,
+    ):
+        list_id = strict.create_list("L")
+        members = f"/api/lists/{list_id}/relationships/profiles"
+        # Seven at once: whichever second boundary they straddle, one window gets four.
+        answers = [client.get(members, headers=headers()) for _ in range(7)]
+        lists = client.get("/api/lists", headers=headers())  # another endpoint: its own quota
+    statuses = [answer.status_code for answer in answers]
+    assert 429 in statuses and statuses[:2] == [200, 200]  # at most 3 in one 1 s window
+    throttled = next(answer for answer in answers if answer.status_code == 429)
+    assert throttled.headers["retry-after"] == "1"  # whole seconds to the window's end
+    assert first_error(throttled)["code"] == "throttled"
+    assert lists.status_code == 200
+
+
 def test_emulator_keeps_accounts_apart(http: httpx2.Client, klaviyo: KlaviyoEmulator) -> None:
     body = {"data": {"type": "list", "attributes": {"name": "Mine"}}}
     created = http.post("/api/lists", json=body, headers=headers(OTHER_KEY))
@@ -529,10 +573,16 @@ def test_a_throttled_read_is_waited_out_when_it_fits(klaviyo: KlaviyoEmulator) -
     asyncio.run(deliver(made, [simple_users(1, 3)], segment("primary")))
     assert klaviyo.members(LIST) == simple_profiles(1, 3)
     assert [c.method for c in klaviyo.calls if c.status == 429] == ["GET"] * 3
-    klaviyo.fail(429, retry_after="1", on=reads)  # longer than the chunk may wait
+    job_reads = {"get_job", "get_job_profiles", "get_job_errors"}
+    klaviyo.fail(429, retry_after="1", on=job_reads)  # longer than the chunk may wait
     with pytest.raises(RetryableError) as caught:
         asyncio.run(deliver(made, [simple_users(1, 3)], segment("primary")))
     assert (caught.value.status, caught.value.retry_after) == (429, 1.0)
+    # The list's members are read within list_read_timeout, not the chunk's job_timeout.
+    klaviyo.fail(429, retry_after="1", on="get_list_members")
+    asyncio.run(deliver(made, [simple_users(2, 3)], segment("primary")))
+    assert klaviyo.members(LIST) == simple_profiles(2, 3)
+    assert klaviyo.member_cursors()[-2:] == [(None, 429), (None, 200)]
     writes = {"post_list", "add_list_members", "post_job"}
     klaviyo.fail(429, retry_after="0", on=writes)  # an import is not repeated in place
     with pytest.raises(RetryableError, match=r"HTTP 429 \(import profiles\)"):
@@ -573,7 +623,138 @@ def test_primary_over_a_big_list_pages_and_removes_in_batches(klaviyo: KlaviyoEm
     assert len(klaviyo.profiles()) == 1_505  # removed from the list, not deleted
 
 
+def read_again_in_place(cursors: Sequence[tuple[str | None, int]], status: int) -> str | None:
+    """The cursor of the one read answered ``status``, checked to be asked again next, and
+    answered: the page after an error is the same page, not page 1."""
+    (at,) = [i for i, (_, answered) in enumerate(cursors) if answered == status]
+    assert cursors[at + 1] == (cursors[at][0], 200)
+    return cursors[at][0]
+
+
+def test_member_reads_keep_to_the_rate_limits(klaviyo: KlaviyoEmulator) -> None:
+    new = [*simple_users(2_900, 100), *simple_users(50_000, 100)]
+    expected = canonical([*simple_profiles(2_900, 100), *simple_profiles(50_000, 100)])
+    with KlaviyoEmulator(KEY, rate_scale=0.27) as strict:  # 20 a second, 202 a minute
+        list_id = strict.create_list(LIST)
+        strict.fill_list(list_id, simple_profiles(0, 3_000))
+        # Paced at the limits: never throttled.
+        paced = provider(strict, list_read_burst=20, list_read_steady=202)
+        asyncio.run(deliver(paced, [new], segment("primary")))
+        assert canonical(strict.members(LIST)) == expected
+        cursors = strict.member_cursors()
+        # 30 pages, and one more when the read reaches the end after the import added 100.
+        assert len(cursors) in (30, 31) and {answered for _, answered in cursors} == {200}
+        # Paced far above them: throttled, and each Retry-After (1 s: the window's end) is
+        # waited out, for the same page; no page is read twice, none is skipped.
+        strict.fill_list(list_id, simple_profiles(0, 3_000))
+        eager = provider(strict, list_read_burst=1_000)
+        asyncio.run(deliver(eager, [new], segment("primary")))
+        assert canonical(strict.members(LIST)) == expected
+        cursors = strict.member_cursors()[len(cursors) :]
+    throttled = [i for i, (_, answered) in enumerate(cursors) if answered == 429]
+    assert throttled  # 31 pages in windows of 20
+    for at in throttled:
+        assert cursors[at + 1] == (cursors[at][0], 200)  # a second 429: asked too soon
+    read = [cursor for cursor, answered in cursors if answered == 200]
+    assert len(read) == len(set(read)) == 31  # the 3,000 and the 100 imported meanwhile
+
+
+def test_a_failing_member_read_backs_off_in_place_then_gives_up(klaviyo: KlaviyoEmulator) -> None:
+    list_id = klaviyo.create_list(LIST)
+    klaviyo.fill_list(list_id, simple_profiles(0, 1_000))
+    made = provider(klaviyo, list_read_timeout=1.0)
+    klaviyo.fail(503, on="get_list_members", after=3)  # the fourth page, once
+    asyncio.run(deliver(made, [simple_users(990, 20)], segment("primary")))
+    assert canonical(klaviyo.members(LIST)) == canonical(simple_profiles(990, 20))
+    assert read_again_in_place(klaviyo.member_cursors(), 503) is not None
+    # Down for longer than list_read_timeout: the attempt is retried (status 503), and the
+    # read it gave up is not carried on: the next attempt starts from page 1.
+    klaviyo.fill_list(list_id, simple_profiles(0, 1_000))  # 1,010 members: 11 pages
+    before = len(klaviyo.member_cursors())
+    down = [True]
+    klaviyo.fail(
+        503,
+        on=lambda incoming: incoming.route == "get_list_members" and down[0],
+        times=1_000,
+        after=2,
+    )
+    with pytest.raises(RetryableError, match=r"HTTP 503 \(read list\)") as caught:
+        asyncio.run(deliver(made, [simple_users(990, 20)], segment("primary")))
+    assert caught.value.status == 503
+    failed = klaviyo.member_cursors()[before:]
+    assert [answered for _, answered in failed[:3]] == [200, 200, 503]
+    assert 3 <= len(failed) - 2 <= 5  # backing off 0.25, 0.5, 1 s: the third is too long
+    assert {cursor for cursor, _ in failed[2:]} == {failed[2][0]}  # the same page each time
+    assert len(klaviyo.members(LIST)) == 1_010  # nobody removed
+    down[0] = False
+    asyncio.run(deliver(made, [simple_users(990, 20)], segment("primary")))
+    again = klaviyo.member_cursors()[before + len(failed) :]
+    assert again[0] == (None, 200) and len(again) == 11
+    assert canonical(klaviyo.members(LIST)) == canonical(simple_profiles(990, 20))
+
+
+def test_a_member_read_slower_than_its_deadline_is_retried(klaviyo: KlaviyoEmulator) -> None:
+    list_id = klaviyo.create_list(LIST)
+    klaviyo.fill_list(list_id, simple_profiles(0, 500))  # 5 pages, one a second
+    made = provider(klaviyo, list_read_timeout=1.5, list_read_burst=1)
+    with pytest.raises(RetryableError, match=r"read list: its rate limits leave no turn"):
+        asyncio.run(deliver(made, [simple_users(0, 10)], segment("primary")))
+    assert klaviyo.member_cursors()[0] == (None, 200) and len(klaviyo.member_cursors()) == 2
+    assert len(klaviyo.members(LIST)) == 500  # nobody removed
+
+
 # --- end to end: the app, its worker and the emulator -------------------------------------
+
+
+# SQLite only: the read lives in the provider, the database plays no part in it (the other
+# end-to-end tests here run on both), and the test takes some 20 s.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_primary_over_300k_members_outlasts_the_chunk_timeout(
+    fast: Settings, engine: Engine
+) -> None:
+    """A replace over a list of 300,000 members (3,000 pages: some 13 s here, paced at 750 a
+    second with the emulator's limits scaled by 10; 4 to 5 minutes at Klaviyo's) with a 3 s
+    chunk timeout: the read is not a chunk's, so the attempts cut short by the timeout leave it
+    running and the next one carries on with it; it is read once, one 503 and one 429 on the
+    way asked again in place, and the list ends up holding the new segment exactly."""
+    settings = dataclasses.replace(
+        fast, chunk_timeout=dt.timedelta(seconds=3), delivery_max_attempts=20
+    )
+    kept, new = simple_users(299_500, 500), simple_users(1_000_000, 500)
+    with KlaviyoEmulator(KEY, rate_scale=10) as klaviyo:
+        list_id = klaviyo.create_list(LIST)
+        klaviyo.fill_list(list_id, simple_profiles(0, 300_000))
+        klaviyo.fail(503, on="get_list_members", after=1_000)
+        klaviyo.fail(429, retry_after="1", on="get_list_members", after=1_000)
+        paced = options(klaviyo, chunk_size=500, list_read_burst=750, list_read_steady=7_500)
+        with serve(settings, engine, destinations(("kl-main", "klaviyo", paced))) as client:
+            response = upload(client, "big", [*kept, *new], 500, "?sync=true", type="primary")
+            assert response.status_code == 200
+            body = status(client, "big")
+        (delivery,) = body["deliveries"]
+        assert (delivery["state"], delivery["lastError"]) == ("succeeded", None)
+        members = klaviyo.members(LIST)
+        assert len(members) == 1_000
+        assert canonical(members) == canonical(
+            [*simple_profiles(299_500, 500), *simple_profiles(1_000_000, 500)]
+        )
+        assert len(klaviyo.profiles()) == 300_500  # removed from the list, not deleted
+        cursors = klaviyo.member_cursors()
+        throttled = [c for c in klaviyo.calls if c.status == 429 and not c.scripted]
+    assert cursors[0] == (None, 200) and [c for c, _ in cursors].count(None) == 1
+    assert read_again_in_place(cursors, 503) != read_again_in_place(cursors, 429)
+    read = [cursor for cursor, answered in cursors if answered == 200]
+    assert len(read) == len(set(read)) >= 3_000  # each page once, across attempts
+    assert throttled == []  # the pacing kept to the limits
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(delivery_attempts)
+            .where(delivery_attempts.c.session_key == "big")
+            .order_by(delivery_attempts.c.number)
+        ).all()
+    assert rows[-1].outcome == "succeeded"
+    assert {r.error for r in rows[:-1]} == {"chunk not done within 3 s"}
+    assert len(rows) >= 2  # the read took longer than a chunk may
 
 
 def test_mixed_25k_session_lands_exactly(
@@ -656,9 +837,11 @@ def test_rate_limits_and_outages_are_retried_to_success(
     where = destinations(("kl-main", "klaviyo", options(klaviyo, chunk_size=20)))
     with serve(fast, engine, where) as client:
         assert upload(client, "before", simple_users(0, 30), 30, "?sync=true").status_code == 200
-        # A 429 on the first import; then a 503 at the very end, on the removal of members
-        # who are not in the new segment: each retried attempt starts over from chunk 1.
+        # A 429 on the first import; then a 503 on the second chunk's import: each retried
+        # attempt starts over from chunk 1. A 503 at the very end, on the removal of members
+        # who are not in the new segment, is asked again in place (removing is idempotent).
         klaviyo.fail(429, retry_after="1", on="post_job")
+        klaviyo.fail(503, on="post_job", after=1)
         klaviyo.fail(503, on="remove_list_members")
         users = [*simple_users(20, 10), *simple_users(100, 30)]
         assert upload(client, "flaky", users, 20, "?sync=true", type="primary").status_code == 200
@@ -688,7 +871,9 @@ def test_rate_limits_and_outages_are_retried_to_success(
         "Request was throttled. Expected available in 1 second(s)."
     )
     assert rows[1].started_at - rows[0].finished_at >= dt.timedelta(seconds=1)  # Retry-After
-    assert rows[1].error == "Klaviyo HTTP 503 (remove from list): Service unavailable."
+    assert rows[1].error == "Klaviyo HTTP 503 (import profiles): Service unavailable."
+    removals = [c.status for c in klaviyo.calls if c.route == "remove_list_members"]
+    assert removals == [503, 204]
 
 
 def test_permanent_errors_fail_with_klaviyos_message(

@@ -7,7 +7,7 @@ Endpoints (base ``https://a.klaviyo.com``, JSON:API documents):
     POST   /api/profile-bulk-import-jobs                    upsert profiles, add them to the list
     GET    /api/profile-bulk-import-jobs/{id}               poll until ``complete``
   primary only:
-    GET    /api/lists/{id}/relationships/profiles           members before chunk 1
+    GET    /api/lists/{id}/relationships/profiles           members, read from chunk 1 on
     GET    /api/profile-bulk-import-jobs/{id}/relationships/profiles    who each job touched
     DELETE /api/lists/{id}/relationships/profiles           the others, 1,000 a call, at the end
 
@@ -26,9 +26,25 @@ read, whose ``Retry-After`` is slept through when it fits) at most ``job_timeout
 the attempt is retried.
 
 ``custom`` only adds to the list. ``primary`` makes the list's membership exactly this upload:
-the members before chunk 1 that no import job of this attempt touched are removed once the last
-job is complete, so members that stay are never removed and re-added (list-triggered flows do not
-fire again for them).
+the members found in the list that no import job of this attempt touched are removed once the
+last job is complete, so members that stay are never removed and re-added (list-triggered flows
+do not fire again for them).
+
+Reading a big list takes minutes (100 members a page, 75 pages a second and 700 a minute at
+most: a million members is a quarter of an hour), so the read is not part of any chunk: it starts
+with chunk 1 as a task of its own, runs while the chunks are imported, and is waited for only by
+the last chunk. It has its own deadline, ``list_read_timeout``; it spaces its requests to the
+endpoint's limits (``list_read_burst`` a second, ``list_read_steady`` a minute: lower them when
+other apps share the account's quota); a 429 is waited out for its ``Retry-After`` and a 408,
+5xx, timeout or connection error with exponential backoff, and the same page (the same cursor
+from ``links.next``) is asked for again, as long as the deadline allows. The ids are streamed
+into a private temporary SQLite database (on disk past SQLite's ~2 MB page cache, deleted when
+the replace ends), so memory stays bounded. When the worker's chunk timeout
+(``AUDIENCE_CHUNK_TIMEOUT``) ends an attempt while the read goes on, the read is not stopped: the
+session's next attempt carries on with it instead of starting over (set the chunk timeout above
+the read time to spare those attempts their repeated imports). The removals are repeated in
+place like the reads (removing a non-member changes nothing), within a deadline of the same
+length.
 
 Errors: 429 (``Retry-After`` honoured), 408, 5xx, timeouts and connection errors are retried; a
 404 on the remembered list forgets it and retries (the list is looked up again); any other 4xx
@@ -37,7 +53,9 @@ fails the delivery with Klaviyo's ``errors[0].detail`` (emails and phone numbers
 Options: ``api_key`` (secret), ``base_url``, ``revision`` (default 2026-07-15), ``chunk_size``
 (default and most 10,000), ``timeout`` seconds per request (30), ``poll_interval`` seconds (1),
 ``job_timeout`` seconds per chunk (300; keep it under the worker's ``AUDIENCE_CHUNK_TIMEOUT``,
-10 minutes by default — the worker keeps its lease alive meanwhile).
+10 minutes by default — the worker keeps its lease alive meanwhile); for ``primary``,
+``list_read_timeout`` seconds for reading the list's members (3600), ``list_read_burst``
+requests a second (75) and ``list_read_steady`` a minute (700) for that read.
 """
 
 from __future__ import annotations
@@ -46,7 +64,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import re
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+import sqlite3
+from collections import deque
+from collections.abc import AsyncGenerator, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,8 +77,8 @@ import orjson
 from .. import normalize
 from ..destinations import DestinationConfig, OptionError
 from . import options as check
-from .base import Chunk, ChunkResult, PermanentError, RetryableError, Segment
-from .http import HttpAdapter, excerpt, parse_retry_after, status_error
+from .base import Chunk, ChunkResult, DeliveryError, PermanentError, RetryableError, Segment
+from .http import HttpAdapter, excerpt, parse_retry_after, retryable_status, status_error
 
 DEFAULT_BASE_URL = "https://a.klaviyo.com"
 DEFAULT_REVISION = "2026-07-15"
@@ -70,6 +90,18 @@ MAX_EXTERNAL_ID = 255
 REMOVE_BATCH = 1_000  # most profiles per list-relationship call
 PAGE_SIZE = 100  # most a relationships page returns
 LIST_PAGE_SIZE = 10  # most GET /api/lists returns
+# The list-members read, GET /api/lists/{id}/relationships/profiles: its x-klaviyo-ratelimit is
+# burst 75/s, steady 750/m (klaviyo/openapi@1440f548 get_profile_ids_for_list.json); Klaviyo's
+# rate-limit guide puts the "L" tier at 75/s and 700/m. The lower of the two is the default.
+READ_BURST = 75  # per second
+READ_STEADY = 700  # per minute
+# Kept from this side with a margin over Klaviyo's 1 s and 60 s windows: requests reach it a
+# little later than they leave, by a delay that varies.
+BURST_SPAN = 1.05
+STEADY_SPAN = 61.0
+LIST_READ_TIMEOUT = 3600.0  # 10^6 members are 10^4 pages: 15 minutes at 700 a minute
+BACKOFF_BASE = 0.25  # seconds before retrying a safe call in place, doubling ...
+BACKOFF_CAP = 30.0  # ... up to this
 # A bulk import job's statuses (Klaviyo's words, not this server's states).
 JOB_DONE = "complete"
 JOB_UNDER_WAY = ("queued", "processing")
@@ -204,6 +236,131 @@ class _ListGone(Exception):
     """The remembered list id is unknown to Klaviyo (deleted meanwhile)."""
 
 
+class _Pace:
+    """At most ``burst`` requests in any 1 s span and ``steady`` in any 60 s span (with the
+    margins above), so neither of Klaviyo's fixed windows fills, however they are aligned."""
+
+    def __init__(self, burst: int, steady: int) -> None:
+        self.burst = burst
+        self.steady = steady
+        self._sent: deque[float] = deque()  # when the requests of the last minute left
+
+    async def wait(self, deadline: float | None = None) -> bool:
+        """Wait for the next request's turn; False (without waiting) if it comes after the
+        deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            while self._sent and self._sent[0] <= now - STEADY_SPAN:
+                self._sent.popleft()
+            wait = 0.0
+            if len(self._sent) >= self.steady:
+                wait = self._sent[-self.steady] + STEADY_SPAN - now
+            if len(self._sent) >= self.burst:
+                wait = max(wait, self._sent[-self.burst] + BURST_SPAN - now)
+            if wait <= 0:
+                self._sent.append(now)  # no await since the check: no other caller slipped in
+                return True
+            if deadline is not None and now + wait > deadline:
+                return False
+            await asyncio.sleep(wait)
+
+
+class _MemberRead:
+    """The members a ``primary`` replace found in the list, and those its imports touched.
+
+    Both sets are kept in a private temporary SQLite database (``sqlite3.connect("")``:
+    SQLite keeps it in its page cache, about 2 MB, and spills the rest to a file in the
+    temporary directory, deleted when it is closed), so memory stays bounded whatever the
+    list's size. The read runs as its own task, page by page from ``links.next``; ``target``
+    is the page to read next, so a page that fails is asked for again with the same cursor.
+    It is not part of any chunk's call: a worker's chunk timeout that cuts an attempt short
+    does not stop it, and the session's next attempt carries on with it.
+    """
+
+    def __init__(self, tenant: str, session_id: str, list_id: str, deadline: float) -> None:
+        self.key = (tenant, session_id, list_id)
+        self.list_id = list_id
+        self.deadline = deadline
+        self.target: str | None = (
+            f"/api/lists/{list_id}/relationships/profiles?page%5Bsize%5D={PAGE_SIZE}"
+        )
+        self.pages = 0
+        self.members = 0
+        self.task: asyncio.Task[None] | None = None
+        self.in_use = False  # its removals are under way: not to be closed under them
+        self._db = sqlite3.connect("", isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE before (id TEXT PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE kept (id TEXT PRIMARY KEY) WITHOUT ROWID;"
+        )
+
+    def add_members(self, ids: Sequence[str]) -> None:
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO before VALUES (?)", [(i,) for i in ids])
+        self.members += len(ids)
+
+    def keep(self, ids: Iterable[str]) -> None:
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO kept VALUES (?)", [(i,) for i in ids])
+
+    def new_attempt(self) -> None:
+        """What an earlier attempt's imports touched does not count for this one."""
+        self._db.execute("DELETE FROM kept")
+
+    @property
+    def found_empty(self) -> bool:
+        """The read is over and the list had nobody: imports need not say whom they touched."""
+        return self.target is None and self.members == 0
+
+    @property
+    def stale(self) -> bool:
+        """Failed, or over and older than its deadline: not to be carried on, and closed."""
+        task = self.task
+        if self.in_use or task is None or not task.done():
+            return False  # a read under way ends by itself at its deadline
+        return self.failed or asyncio.get_running_loop().time() > self.deadline
+
+    @property
+    def failed(self) -> bool:
+        task = self.task
+        return task is not None and task.done() and (task.cancelled() or bool(task.exception()))
+
+    async def finished(self) -> None:
+        """Wait for the read (raising its error); waiting may be cancelled, the read is not."""
+        assert self.task is not None
+        await asyncio.shield(self.task)
+
+    def removals(self, size: int) -> Generator[list[str], None, None]:
+        """The members found and not kept, ``size`` at a time, streamed from the database."""
+        cursor = self._db.execute(
+            "SELECT id FROM before WHERE id NOT IN (SELECT id FROM kept) ORDER BY id"
+        )
+        try:
+            while batch := cursor.fetchmany(size):
+                yield [row[0] for row in batch]
+        finally:
+            cursor.close()
+
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)  # its error is retrieved
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
 # --- the provider ---------------------------------------------------------------------------
 
 
@@ -222,6 +379,9 @@ class KlaviyoProvider(HttpAdapter):
         timeout: float = 30.0,
         poll_interval: float = 1.0,
         job_timeout: float = 300.0,
+        list_read_timeout: float = LIST_READ_TIMEOUT,
+        list_read_burst: int = READ_BURST,
+        list_read_steady: int = READ_STEADY,
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
@@ -230,8 +390,11 @@ class KlaviyoProvider(HttpAdapter):
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.job_timeout = job_timeout
+        self.list_read_timeout = list_read_timeout
         self._lists: dict[str, str] = {}  # list name -> id, learned once per name
         self._list_locks: dict[str, asyncio.Lock] = {}
+        self._read_pace = _Pace(list_read_burst, list_read_steady)  # one quota per account
+        self._reads: dict[tuple[str, str, str], _MemberRead] = {}  # (tenant, session, list)
 
     @classmethod
     def from_config(cls, config: DestinationConfig) -> KlaviyoProvider:
@@ -253,6 +416,11 @@ class KlaviyoProvider(HttpAdapter):
             timeout=check.seconds(options, "timeout", 30.0),
             poll_interval=check.seconds(options, "poll_interval", 1.0),
             job_timeout=check.seconds(options, "job_timeout", 300.0),
+            list_read_timeout=check.seconds(options, "list_read_timeout", LIST_READ_TIMEOUT),
+            list_read_burst=check.positive_int(options, "list_read_burst", READ_BURST, 100_000),
+            list_read_steady=check.positive_int(
+                options, "list_read_steady", READ_STEADY, 1_000_000
+            ),
         )
 
     async def send(self, segment: Segment, chunk: Chunk) -> ChunkResult:
@@ -262,22 +430,101 @@ class KlaviyoProvider(HttpAdapter):
                 await self._begin(segment)
             invalid, status = await self._import(segment, chunk)
             if segment.type == "primary" and chunk.last:
-                await self._remove(state["list_id"], sorted(state["before"] - state["kept"]))
+                await self._replace(state["read"])
         except _ListGone as exc:
             self._lists.pop(segment.segment_name, None)
+            if (read := state.get("read")) is not None:
+                await self._drop(read)
             raise RetryableError(f"{exc}; the list will be looked up again", status=404) from None
+        except DeliveryError as exc:
+            read = state.get("read")
+            if read is not None and (read.failed or isinstance(exc, PermanentError)):
+                await self._drop(read)  # a next attempt, if any, reads the list again
+            raise
         return ChunkResult(invalid=invalid, status=status)
 
     async def _begin(self, segment: Segment) -> None:
-        """Find or create the list; for ``primary``, note who is in it now."""
+        """Find or create the list; for ``primary``, start reading who is in it now (or carry
+        on with the read an earlier attempt of this session started)."""
         list_id = await self._list_id(segment.segment_name)
         segment.state["list_id"] = list_id
         if segment.type == "primary":
-            members = f"/api/lists/{list_id}/relationships/profiles"
-            segment.state["before"] = await self._ids(
-                members, "read list", self._deadline(), list_call=True
+            read = await self._member_read(segment.tenant, segment.session_id, list_id)
+            read.new_attempt()
+            segment.state["read"] = read
+
+    async def _member_read(self, tenant: str, session_id: str, list_id: str) -> _MemberRead:
+        for other in list(self._reads.values()):
+            if other.stale:
+                await self._drop(other)
+        now = asyncio.get_running_loop().time()
+        if (read := self._reads.get((tenant, session_id, list_id))) is not None:
+            return read
+        read = _MemberRead(tenant, session_id, list_id, now + self.list_read_timeout)
+        read.task = asyncio.create_task(self._read_members(read))
+        self._reads[read.key] = read
+        return read
+
+    async def _drop(self, read: _MemberRead) -> None:
+        if self._reads.get(read.key) is read:
+            del self._reads[read.key]
+        await read.close()
+
+    async def _read_members(self, read: _MemberRead) -> None:
+        """Every page of the list's members into ``read``, within its own deadline, paced to
+        the endpoint's rate limits; a throttled or failed page is asked for again, same cursor."""
+        loop = asyncio.get_running_loop()
+        while read.target is not None:
+            if loop.time() > read.deadline:
+                raise RetryableError(
+                    "Klaviyo list read not done within list_read_timeout "
+                    f"{self.list_read_timeout:g} s ({read.pages} pages read)"
+                )
+            document, _ = await self._call(
+                "GET",
+                read.target,
+                "read list",
+                list_call=True,
+                deadline=read.deadline,
+                patient=True,
+                pace=self._read_pace,
             )
-            segment.state["kept"] = set()
+            data = document.get("data")
+            if not isinstance(data, list):
+                raise PermanentError("unexpected answer from Klaviyo (read list): no data list")
+            ids = [item["id"] for item in data if isinstance(item, dict) and _is_id(item)]
+            read.add_members(ids)
+            read.pages += 1
+            read.target = _next_target(document)
+
+    async def _replace(self, read: _MemberRead) -> None:
+        """Once the read is over, remove the members no import of this attempt touched."""
+        await read.finished()
+        path = f"/api/lists/{read.list_id}/relationships/profiles"
+        deadline = asyncio.get_running_loop().time() + self.list_read_timeout
+        read.in_use = True
+        try:
+            with contextlib.closing(read.removals(REMOVE_BATCH)) as batches:
+                for batch in batches:
+                    body = {"data": [{"type": "profile", "id": pid} for pid in batch]}
+                    # Removing a non-member changes nothing: safe to repeat.
+                    await self._call(
+                        "DELETE",
+                        path,
+                        "remove from list",
+                        body=body,
+                        list_call=True,
+                        deadline=deadline,
+                        patient=True,
+                    )
+        finally:
+            read.in_use = False
+        await self._drop(read)
+
+    async def aclose(self) -> None:
+        for read in list(self._reads.values()):
+            await self._drop(read)
+        await super().aclose()
 
     async def _import(self, segment: Segment, chunk: Chunk) -> tuple[int, int | None]:
         """Import the chunk's profiles into the list, job by job; invalid users and status."""
@@ -285,18 +532,18 @@ class KlaviyoProvider(HttpAdapter):
         # Phone parsing takes a while for 10,000 users: off the event loop the other lanes share.
         profiles, invalid = await anyio.to_thread.run_sync(encode_profiles, chunk.users)
         status: int | None = None
-        before: set[str] = state.get("before", set())
+        read: _MemberRead | None = state.get("read")
         deadline = self._deadline()
         for body in job_bodies(profiles, state["list_id"]):
             job_id, status = await self._start_import(body)
             invalid += await self._wait(job_id, deadline)
-            if before:  # primary, over a list that had members: which of them stay
+            if read is not None and not read.found_empty:  # primary: who stays in the list
                 touched = await self._ids(
                     f"/api/profile-bulk-import-jobs/{job_id}/relationships/profiles",
                     "read import job profiles",
                     deadline,
                 )
-                state["kept"] |= touched & before
+                read.keep(touched)
         return invalid, status
 
     # --- lists ------------------------------------------------------------------------------
@@ -328,13 +575,6 @@ class KlaviyoProvider(HttpAdapter):
         body = {"data": {"type": "list", "attributes": {"name": name}}}
         document, _ = await self._call("POST", "/api/lists", "create list", body=body)
         return _resource_id(document, "create list")
-
-    async def _remove(self, list_id: str, profile_ids: Sequence[str]) -> None:
-        path = f"/api/lists/{list_id}/relationships/profiles"
-        for start in range(0, len(profile_ids), REMOVE_BATCH):
-            batch = profile_ids[start : start + REMOVE_BATCH]
-            body = {"data": [{"type": "profile", "id": pid} for pid in batch]}
-            await self._call("DELETE", path, "remove from list", body=body, list_call=True)
 
     # --- import jobs ------------------------------------------------------------------------
 
@@ -392,11 +632,7 @@ class KlaviyoProvider(HttpAdapter):
         list_call: bool = False,
         deadline: float | None = None,
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """Every resource of a collection, following ``links.next``.
-
-        Only the path and query of a next link are used, always against ``base_url``: the key
-        goes nowhere else, and a proxy in ``base_url`` keeps working.
-        """
+        """Every resource of a collection, following ``links.next``."""
         target: str | None = path
         while target is not None:
             document, _ = await self._call(
@@ -408,12 +644,7 @@ class KlaviyoProvider(HttpAdapter):
             for item in data:
                 if isinstance(item, dict):
                     yield item
-            links = document.get("links") or {}
-            following = links.get("next") if isinstance(links, dict) else None
-            if not isinstance(following, str) or not following:
-                return
-            parts = urlsplit(following)
-            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            target = _next_target(document)
             params = None  # the cursor link carries them
 
     async def _call(
@@ -427,11 +658,16 @@ class KlaviyoProvider(HttpAdapter):
         raw: bytes | None = None,
         list_call: bool = False,
         deadline: float | None = None,
+        patient: bool = False,
+        pace: _Pace | None = None,
     ) -> tuple[dict[str, Any], int]:
         """One request; the JSON document and status, or the mapped DeliveryError.
 
-        With a ``deadline`` (reads only: they are safe to repeat) a 429 whose ``Retry-After``
-        ends before it is slept through here instead of retrying the whole attempt.
+        With a ``deadline`` (calls safe to repeat only) a 429 whose ``Retry-After`` ends before
+        it is slept through here instead of retrying the whole attempt. ``patient`` calls also
+        wait out (``Retry-After``, else exponential backoff) a 429 without one, a 408, a 5xx, a
+        timeout or a failed connection, and ask again, while the deadline allows. ``pace``
+        spaces the requests to an endpoint's rate limits.
         """
         headers = {
             "Authorization": f"Klaviyo-API-Key {self.api_key}",
@@ -441,21 +677,38 @@ class KlaviyoProvider(HttpAdapter):
         content = raw if raw is not None else (None if body is None else orjson.dumps(body))
         if content is not None:
             headers["Content-Type"] = MEDIA_TYPE
+        loop = asyncio.get_running_loop()
+        tries = 0
         while True:
-            response = await self.request(
-                method,
-                self.base_url + target,
-                what=what,
-                params=params,
-                content=content,
-                headers=headers,
-            )
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if response.status_code != 429 or deadline is None or retry_after is None:
-                break
-            if asyncio.get_running_loop().time() + retry_after > deadline:
-                break
-            await asyncio.sleep(retry_after)
+            if pace is not None and not await pace.wait(deadline):
+                raise RetryableError(
+                    f"Klaviyo {what}: its rate limits leave no turn before its deadline"
+                )
+            try:
+                response = await self.request(
+                    method,
+                    self.base_url + target,
+                    what=what,
+                    params=params,
+                    content=content,
+                    headers=headers,
+                )
+            except RetryableError:  # a timeout or a connection error
+                wait: float | None = _backoff(tries) if patient else None
+                if wait is None or deadline is None or loop.time() + wait > deadline:
+                    raise
+            else:
+                code = response.status_code
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                wait = None
+                if code == 429 and deadline is not None and retry_after is not None:
+                    wait = retry_after
+                elif patient and retryable_status(code):
+                    wait = retry_after if retry_after is not None else _backoff(tries)
+                if wait is None or deadline is None or loop.time() + wait > deadline:
+                    break
+            await asyncio.sleep(wait)
+            tries += 1
         status = response.status_code
         if 200 <= status < 300:
             if status == 204 or not response.content:
@@ -473,6 +726,27 @@ class KlaviyoProvider(HttpAdapter):
         if status == 404 and list_call:
             raise _ListGone(reason)
         raise status_error(reason, status, response.headers)
+
+
+def _next_target(document: Mapping[str, Any]) -> str | None:
+    """The path and query of ``links.next`` (None on the last page). Only those are used,
+    always against ``base_url``: the key goes nowhere else, and a proxy in ``base_url`` keeps
+    working."""
+    links = document.get("links") or {}
+    following = links.get("next") if isinstance(links, dict) else None
+    if not isinstance(following, str) or not following:
+        return None
+    parts = urlsplit(following)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _is_id(item: Mapping[str, Any]) -> bool:
+    return isinstance(item.get("id"), str) and bool(item["id"])
+
+
+def _backoff(tries: int) -> float:
+    """Klaviyo's advice on 429 and 5xx: retry with exponential backoff."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0**tries)
 
 
 def _resource_id(document: Mapping[str, Any], what: str) -> str:

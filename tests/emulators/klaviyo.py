@@ -10,7 +10,16 @@ failure, one account per private key. It refuses what Klaviyo refuses:
 - import bodies of the wrong shape or types, over 10,000 profiles (400) or 5 MB (413), a
   profile over 100 KB, without any of email / phone_number / external_id, with a phone number
   not in E.164 or an external_id over 255 characters (400: the whole request);
-- page sizes over the endpoint's maximum, unknown query parameters, unknown lists (404).
+- page sizes over the endpoint's maximum, unknown query parameters, unknown lists (404);
+- more requests than an endpoint's rate limits (``RATE_LIMITS``, each endpoint's
+  ``x-klaviyo-ratelimit``, per account in fixed 1 s and 60 s windows): 429 with a whole-second
+  ``Retry-After`` to the end of the full window. Only the list-members read is limited unless
+  ``rate_limited`` says otherwise; ``rate_scale`` multiplies the limits for tests that read
+  hundreds of thousands of members in seconds.
+
+A list's members are paged in joining order by an opaque cursor naming the last member given
+(a keyset: members removed meanwhile do not shift the pages after them), ``links.next`` until
+the last page.
 
 Import jobs run "asynchronously": a job is ``queued`` when created, ``processing`` at its first
 poll and ``complete`` at its second (``polls_to_complete``); only then are its profiles upserted
@@ -24,7 +33,8 @@ e.g. from ``errors_document()``; ``on`` a route, named after its handler: ``get_
 ``post_list``, ``get_list_members``, ``add_list_members``, ``remove_list_members``,
 ``post_job``, ``get_job``, ``get_job_profiles``, ``get_job_errors``) and ``cancel_jobs()``,
 and read what the account holds with ``lists()``, ``members()``, ``profiles()``, ``jobs()``,
-``import_errors()``; ``calls`` is every request.
+``import_errors()``; ``calls`` is every request, ``member_cursors()`` the cursor and status of
+each read of a list's members. ``fill_list()`` puts many profiles in a list at once.
 
     with KlaviyoEmulator("pk_one", "pk_two") as klaviyo:
         klaviyo.fail(429, retry_after="1")
@@ -35,11 +45,14 @@ and read what the account holds with ``lists()``, ``members()``, ``profiles()``,
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import json
+import math
 import re
+import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
@@ -108,6 +121,24 @@ _LOCATION_FIELDS = frozenset(
     }
 )
 _IDENTIFIERS = ("email", "phone_number", "external_id")
+# Requests per (burst: 1 s, steady: 60 s) fixed window, per account and endpoint. Klaviyo: "rate
+# limited on a per-account basis, and use a fixed-window rate limiting algorithm with two
+# distinct windows: burst (1-second window) and steady (1-minute window) ... HTTP 429 errors in
+# the event either a burst or steady rate limit is reached"; a 429 carries ``Retry-After``, in
+# seconds (https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling). Each
+# endpoint's own limits are its ``x-klaviyo-ratelimit`` in klaviyo/openapi:
+RATE_LIMITS: dict[str, tuple[int, int]] = {
+    # @1440f5488c4716db114933319728a567918a7126 openapi/stable/apis/get_profile_ids_for_list.json
+    "get_list_members": (75, 750),
+    # bulk_import_profiles.json, add_ / remove_profiles_to|from_list.json, create_list.json, as
+    # ../shared/reference/providers.md sections 3a-3c quote them:
+    "post_job": (10, 150),
+    "add_list_members": (10, 150),
+    "remove_list_members": (10, 150),
+    "post_list": (10, 150),
+}
+BURST_SECONDS = 1.0
+STEADY_SECONDS = 60.0
 _LIST_FIELDS = ("name", "created", "updated", "opt_in_process")
 
 
@@ -139,7 +170,40 @@ class KList:
     name: str
     created: str
     opt_in_process: str
-    members: dict[str, None] = field(default_factory=dict)  # profile ids, in joining order
+    # Profile id -> the number of its joining (unique, increasing), in joining order. A page
+    # cursor is the number of the last member it returned (a keyset, like Klaviyo's opaque
+    # cursors: removals do not shift the pages after them). ``_joined`` holds every joining
+    # ever made, sorted; those of members who left are skipped and dropped once they are half.
+    members: dict[str, int] = field(default_factory=dict)
+    _joined: list[int] = field(default_factory=list)
+    _joined_ids: list[str] = field(default_factory=list)
+    _next: int = 1
+
+    def join(self, profile_id: str) -> None:
+        if profile_id not in self.members:
+            self.members[profile_id] = self._next
+            self._joined.append(self._next)
+            self._joined_ids.append(profile_id)
+            self._next += 1
+
+    def leave(self, profile_id: str) -> None:
+        if self.members.pop(profile_id, None) is not None and len(self._joined) > 2 * len(
+            self.members
+        ):
+            self._joined = list(self.members.values())
+            self._joined_ids = list(self.members)
+
+    def after(self, number: int, size: int) -> tuple[list[tuple[int, str]], bool]:
+        """Up to ``size`` members who joined after joining ``number``; whether more follow."""
+        page: list[tuple[int, str]] = []
+        for position in range(bisect.bisect_right(self._joined, number), len(self._joined)):
+            joined, profile_id = self._joined[position], self._joined_ids[position]
+            if self.members.get(profile_id) != joined:
+                continue  # left since
+            if len(page) == size:
+                return page, True
+            page.append((joined, profile_id))
+        return page, False
 
 
 @dataclass
@@ -224,6 +288,29 @@ def _cursor(offset: int) -> str:
     return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
 
 
+def _page_size(query: Mapping[str, str], *, default: int, maximum: int) -> int:
+    raw_size = query.get("page[size]", str(default))
+    if not raw_size.isdigit() or not 1 <= int(raw_size) <= maximum:
+        raise KlaviyoError(
+            400, f"page[size] must be an integer from 1 to {maximum}.", parameter="page[size]"
+        )
+    return int(raw_size)
+
+
+def _member_cursor(joined: int) -> str:
+    return base64.urlsafe_b64encode(f"joined:{joined}".encode()).decode()
+
+
+def _joined_number(cursor: str) -> int:
+    try:
+        prefix, _, number = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+    except ValueError:
+        prefix, number = "", ""
+    if prefix != "joined" or not number.isdigit():
+        raise KlaviyoError(400, "Invalid page cursor.", parameter="page[cursor]")
+    return int(number)
+
+
 def _offset(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor.encode()).decode()
@@ -238,12 +325,29 @@ def _offset(cursor: str) -> int:
 class KlaviyoEmulator(Emulator):
     """Klaviyo accounts (one per API key) behind a real HTTP server on loopback."""
 
-    def __init__(self, *api_keys: str, polls_to_complete: int = 2) -> None:
+    def __init__(
+        self,
+        *api_keys: str,
+        polls_to_complete: int = 2,
+        rate_limited: Collection[str] = ("get_list_members",),
+        rate_scale: float = 1.0,
+    ) -> None:
+        """``rate_limited``: the routes whose ``RATE_LIMITS`` are enforced (by default the
+        list-members read; the others are there for tests that want them); ``rate_scale``
+        multiplies those limits (the windows stay 1 s and 60 s), so that a test can read a
+        list of 300,000 members in seconds and still be throttled the way Klaviyo throttles."""
         keys = api_keys or ("pk_test_key",)
         self.default_key = keys[0]
         self.polls_to_complete = max(1, polls_to_complete)
         super().__init__(name="klaviyo")
         self._accounts = {key: Account(key) for key in keys}
+        self._limits = {
+            route: (max(1, int(burst * rate_scale)), max(1, int(steady * rate_scale)))
+            for route, (burst, steady) in RATE_LIMITS.items()
+            if route in rate_limited
+        }
+        # (key, route) -> [burst window, requests in it, steady window, requests in it]
+        self._windows: dict[tuple[str, str], list[int]] = {}
         self._cancel_jobs = 0
         self._counter = 0
 
@@ -258,6 +362,19 @@ class KlaviyoEmulator(Emulator):
         """A list made in Klaviyo's UI, say; its id. Duplicate names are allowed, as there."""
         with self._cond:
             return self._new_list(self._account(api_key), name, "single_opt_in").id
+
+    def fill_list(
+        self, list_id: str, profiles: Iterable[Mapping[str, Any]], api_key: str | None = None
+    ) -> None:
+        """Profiles (their attributes) upserted and added to the list, as earlier syncs or a
+        CSV upload in Klaviyo's UI would have: fast, for lists of hundreds of thousands."""
+        with self._cond:
+            account = self._account(api_key)
+            klist = account.lists[list_id]
+            for attributes in profiles:
+                profile_id = _upsert(account, dict(attributes), self._next_profile_id)
+                assert profile_id is not None
+                klist.join(profile_id)
 
     def delete_list(self, list_id: str, api_key: str | None = None) -> None:
         with self._cond:
@@ -302,6 +419,15 @@ class KlaviyoEmulator(Emulator):
         """Import jobs in creation order (live objects: read, do not change)."""
         with self._cond:
             return list(self._account(api_key).jobs.values())
+
+    def member_cursors(self, api_key: str | None = None) -> list[tuple[str | None, int]]:
+        """Each read of a list's members, in order: its ``page[cursor]`` (None: the first page)
+        and the status it was answered with."""
+        return [
+            (call.params.get("page[cursor]"), call.status)
+            for call in self.calls
+            if call.route == "get_list_members" and call.principal == (api_key or self.default_key)
+        ]
 
     def import_errors(self, api_key: str | None = None) -> list[dict[str, Any]]:
         return [error for job in self.jobs(api_key) for error in job.errors]
@@ -353,6 +479,9 @@ class KlaviyoEmulator(Emulator):
             raise KlaviyoError(406, f"Accept must allow {MEDIA_TYPE}.")
         handler, path_id = self._route(incoming.method, incoming.path)
         incoming.route = handler.__name__.lstrip("_")
+        throttled = self._throttle(api_key, incoming.route)
+        if throttled is not None:
+            return throttled
         turn = self._take(incoming)
         turn.wait()
         if turn.reply is not None:
@@ -391,6 +520,37 @@ class KlaviyoEmulator(Emulator):
         if method not in routes:
             raise KlaviyoError(405, f'Method "{method}" not allowed.')
         return routes[method], path_id
+
+    def _throttle(self, api_key: str, route: str) -> Reply | None:
+        """A 429 when the route's burst or steady window is full, else None (counted)."""
+        limits = self._limits.get(route)
+        if limits is None:
+            return None
+        now = time.monotonic()
+        burst_window, steady_window = int(now // BURST_SECONDS), int(now // STEADY_SECONDS)
+        with self._cond:
+            counts = self._windows.setdefault((api_key, route), [burst_window, 0, steady_window, 0])
+            if counts[0] != burst_window:
+                counts[0:2] = [burst_window, 0]
+            if counts[2] != steady_window:
+                counts[2:4] = [steady_window, 0]
+            if counts[3] >= limits[1]:
+                ends = (steady_window + 1) * STEADY_SECONDS
+            elif counts[1] >= limits[0]:
+                ends = (burst_window + 1) * BURST_SECONDS
+            else:
+                counts[1] += 1
+                counts[3] += 1
+                return None
+        wait = max(1, math.ceil(ends - now))  # whole seconds, as Klaviyo's Retry-After
+        detail = f"Request was throttled. Expected available in {wait} second(s)."
+        refusal = KlaviyoError(429, detail).reply()
+        return Reply(
+            refusal.status,
+            refusal.body,
+            refusal.content_type,
+            {**refusal.headers, "Retry-After": str(wait)},
+        )
 
     def _query(self, raw: str) -> dict[str, str]:
         try:
@@ -442,12 +602,7 @@ class KlaviyoEmulator(Emulator):
         for name in query:
             if name not in known:
                 raise KlaviyoError(400, f"'{name}' is not a valid query parameter.", parameter=name)
-        raw_size = query.get("page[size]", str(default))
-        if not raw_size.isdigit() or not 1 <= int(raw_size) <= maximum:
-            raise KlaviyoError(
-                400, f"page[size] must be an integer from 1 to {maximum}.", parameter="page[size]"
-            )
-        size = int(raw_size)
+        size = _page_size(query, default=default, maximum=maximum)
         start = _offset(query["page[cursor]"]) if "page[cursor]" in query else 0
         page = list(items[start : start + size])
         links = {"self": self._link(path, query)}
@@ -541,9 +696,27 @@ class KlaviyoEmulator(Emulator):
         return _existing(account.lists, "list", list_id)
 
     def _get_list_members(self, request: _Request) -> Reply:
+        """A page of the list's members in joining order, keyset-paged.
+
+        klaviyo/openapi@1440f5488c4716db114933319728a567918a7126
+        openapi/stable/apis/get_profile_ids_for_list.json: ``page[size]`` "Default: 20. Min: 1.
+        Max: 100.", ``page[cursor]`` opaque, the answer ``{"data": [{"type": "profile", "id"}],
+        "links": {"self", "next"?, ...}}`` (CollectionLinks: only ``self`` required).
+        """
         klist = self._member_list(request.account, request.path_id)
+        query = request.query
+        for name in query:
+            if name not in ("page[size]", "page[cursor]"):
+                raise KlaviyoError(400, f"'{name}' is not a valid query parameter.", parameter=name)
+        size = _page_size(query, default=20, maximum=100)
+        after = _joined_number(query["page[cursor]"]) if "page[cursor]" in query else 0
+        page, more = klist.after(after, size)
         path = f"/api/lists/{klist.id}/relationships/profiles/"
-        return self._related(request, path, _profile_refs(klist.members))
+        links = {"self": self._link(path, query)}
+        if more:
+            links["next"] = self._link(path, {**query, "page[cursor]": _member_cursor(page[-1][0])})
+        data = [{"type": "profile", "id": profile_id} for _, profile_id in page]
+        return _document(200, {"data": data, "links": links})
 
     def _relationship_ids(self, body: Any) -> list[str]:
         if (
@@ -572,14 +745,14 @@ class KlaviyoEmulator(Emulator):
         klist = self._member_list(request.account, request.path_id)
         for pid in self._relationship_ids(request.body):
             _existing(request.account.profiles, "profile", pid)
-            klist.members.setdefault(pid, None)
+            klist.join(pid)
         return Reply(204, b"", MEDIA_TYPE)
 
     def _remove_list_members(self, request: _Request) -> Reply:
         self._no_query(request.query)
         klist = self._member_list(request.account, request.path_id)
         for pid in self._relationship_ids(request.body):
-            klist.members.pop(pid, None)
+            klist.leave(pid)
         return Reply(204, b"", MEDIA_TYPE)
 
     # -- bulk import jobs --------------------------------------------------------------------
@@ -684,6 +857,7 @@ class KlaviyoEmulator(Emulator):
         return _document(200, self._job_document(job))
 
     def _process(self, account: Account, job: Job) -> None:
+        touched = set(job.profile_ids)
         for index, attributes in enumerate(job.profiles):
             pointer = f"/data/attributes/profiles/data/{index}/attributes"
             email = attributes.get("email")
@@ -695,11 +869,12 @@ class KlaviyoEmulator(Emulator):
                 detail = "The identifiers given belong to different profiles."
                 job.errors.append(_import_error(detail, pointer, "duplicate_profile"))
                 continue
-            if profile_id not in job.profile_ids:
+            if profile_id not in touched:
+                touched.add(profile_id)
                 job.profile_ids.append(profile_id)
             for list_id in job.list_ids:
                 if list_id in account.lists:
-                    account.lists[list_id].members.setdefault(profile_id, None)
+                    account.lists[list_id].join(profile_id)
         job.status = "complete"
         job.completed_at = _now()
 
