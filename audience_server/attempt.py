@@ -21,7 +21,7 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import Connection, Engine
 
-from . import db, delivery_store, metrics, store
+from . import db, delivery_store, members, metrics, store
 from .assembly import UsersPurged, chunked
 from .clock import Clock
 from .delivery_store import DeliveryKey
@@ -86,6 +86,7 @@ class Attempt:
     users: Iterator[list[bytes]]  # batch by batch, each user's JSON object as received
     sent: int = field(default=0, init=False)  # users sent so far
     invalid: int = field(default=0, init=False)  # of those, how many the platform refused
+    ledger: members.Ledger | None = field(default=None, init=False)  # made by ``_send``
 
     async def run(self) -> DeliveryState | None:
         """Send every chunk, then record the outcome. Returns the delivery's state after
@@ -111,6 +112,13 @@ class Attempt:
 
     async def _send(self) -> Outcome:
         claim = self.claim
+        self.ledger = members.Ledger(
+            self.terms.engine,
+            claim.key.tenant,
+            claim.key.destination,
+            claim.segment_name,
+            self.terms.clock,
+        )
         segment = Segment(
             destination=claim.key.destination,
             tenant=claim.key.tenant,
@@ -119,6 +127,7 @@ class Attempt:
             segment_name=claim.segment_name,
             type=claim.type,
             total_users=claim.unique_users,
+            ledger=self.ledger,
         )
         chunks = chunked(self.users, self.provider.chunk_size, claim.unique_users)
         status: int | None = None
@@ -246,8 +255,20 @@ class Attempt:
                 error=outcome.error,
                 now=now,
             )
+            # What the attempt staged in the member ledger becomes the ledger's set in the
+            # transaction that records the success, or never.
+            confirmed = (
+                result == AttemptOutcome.SUCCEEDED
+                and self.ledger is not None
+                and self.ledger.confirm(conn, now)
+            )
             if session is not None and session.state != SessionState.ABORTED:
                 settle_session(conn, tenant, key, now)
+        if confirmed and self.ledger is not None:
+            try:
+                self.ledger.collect()  # the superseded generations, in short transactions
+            except Exception:  # the next success collects them: never fail a recorded outcome
+                log.exception("member ledger collection failed", extra=self._ids())
         # After the commit: counted once the outcome is recorded. ``users_sent`` is this
         # attempt's alone (each attempt starts over from chunk 1).
         metrics.count_attempt(claim.key.destination, result, outcome.users_sent)

@@ -1,6 +1,6 @@
 """The schema, as SQLAlchemy tables. Alembic migrations are the authority; a test keeps
-these in step with them. Every table leads with (tenant, session_key) so it can be
-distributed by session."""
+these in step with them. Every table leads with its tenant so it can be distributed by
+tenant; the session tables go on with ``session_key``, the member ledger with its ledger."""
 
 from __future__ import annotations
 
@@ -164,4 +164,32 @@ events = Table(
     Column("kind", String(32), nullable=False),
     Column("detail", Text, nullable=True),
     Index("ix_session_events_session", "tenant", "session_key", "id"),
+)
+
+# The member ledger (``members.py``): per (tenant, destination, segment name), the digests a
+# ``primary`` delivery put at the destination, so that the next one sends the difference.
+member_ledgers = Table(
+    "member_ledgers",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("segment_name", String(255), primary_key=True),
+    Column("ledger", String(32), nullable=False),  # short key of its members' rows
+    Column("target", String(128), nullable=True),  # the platform's list the confirmed set is in
+    Column("confirmed", Integer, nullable=True),  # generation of the last successful delivery
+    Column("latest", Integer, nullable=False),  # generation of the latest attempt begun
+    Column("delivered_at", UTCDateTime, nullable=True),  # the last success; purge counts from it
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_member_ledgers_tenant_ledger", "tenant", "ledger", unique=True),
+)
+
+ledger_members = Table(
+    "ledger_members",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("ledger", String(32), primary_key=True),
+    # Digest before generation: pages of leavers walk the key in (kind, digest) order.
+    Column("kind", SmallInteger, primary_key=True),  # the id's position in the platform's schema
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("generation", Integer, primary_key=True),  # the attempt that staged it
 )

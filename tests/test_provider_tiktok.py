@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import httpx2
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
+from audience_server import db, members
 from audience_server.destinations import DestinationConfig, OptionError
-from audience_server.models import delivery_attempts
+from audience_server.members import Ledger
+from audience_server.models import delivery_attempts, ledger_members, member_ledgers
 from audience_server.providers.base import (
     Chunk,
     ChunkResult,
@@ -26,7 +28,14 @@ from audience_server.providers.base import (
 )
 from audience_server.providers.tiktok import TikTokProvider, batch_data, identifiers
 from audience_server.settings import Settings
-from tests.emulators.tiktok import AUDIENCE, LIST, MAPPING, TikTokEmulator, envelope_error
+from tests.emulators.tiktok import (
+    AUDIENCE,
+    DELETE,
+    LIST,
+    MAPPING,
+    TikTokEmulator,
+    envelope_error,
+)
 from tests.helpers import NAME, destinations, errors, form, send, serve, status, upload
 
 ADVERTISER = "7000000000000000001"
@@ -163,6 +172,7 @@ def test_options_have_defaults() -> None:
         ({"access_token": "t", "advertiser_id": "7", "chunk_size": 10_001}, "chunk_size"),
         ({"access_token": "t", "advertiser_id": "7", "chunk_size": 0}, "chunk_size"),
         ({"access_token": "t", "advertiser_id": "7", "timeout": 0}, "timeout"),
+        ({"access_token": "t", "advertiser_id": "7", "phone_format": "plus"}, "phone_format"),
     ],
 )
 def test_bad_options_are_named(opts: dict[str, Any], field: str) -> None:
@@ -232,10 +242,18 @@ def test_emulator_creates_lists_adds_and_deletes(tiktok: TikTokEmulator) -> None
     assert listed["page_info"] == {"page": 1, "page_size": 100, "total_number": 1, "total_page": 1}
     removed = call(tiktok, MAPPING, mapping(audience_id, action="delete")).json()
     assert removed["code"] == 0 and tiktok.members(ADVERTISER, "a") == {}
-    deleted = call(
+    undocumented = call(
         tiktok,
         AUDIENCE,
         {"advertiser_id": ADVERTISER, "audience_id": audience_id, "action": "delete"},
+    ).json()
+    assert (undocumented["code"], undocumented["message"]) == (
+        40002,
+        "Parameter error: action must be create",
+    )
+    assert len(tiktok.audiences(ADVERTISER)) == 1
+    deleted = call(
+        tiktok, DELETE, {"advertiser_id": ADVERTISER, "custom_audience_ids": [audience_id]}
     )
     assert deleted.json()["code"] == 0 and tiktok.audiences(ADVERTISER) == []
     gone = call(tiktok, MAPPING, mapping(audience_id)).json()
@@ -304,9 +322,14 @@ def test_emulator_checks_audience_calls_and_routes(tiktok: TikTokEmulator) -> No
     assert answer["code"] == 40002 and "128" in answer["message"]
     theirs = tiktok.add_audience(OTHER_ADVERTISER, "theirs")
     answer = call(
-        tiktok, AUDIENCE, {"advertiser_id": ADVERTISER, "audience_id": theirs, "action": "delete"}
+        tiktok, DELETE, {"advertiser_id": ADVERTISER, "custom_audience_ids": [theirs]}
     ).json()
     assert answer["message"] == "Parameter error: invalid audience ID"
+    for ids in ([], [theirs] * 101, [7400000000000000001], None):
+        answer = call(tiktok, DELETE, {"advertiser_id": ADVERTISER, "custom_audience_ids": ids})
+        assert answer.json()["code"] == 40002
+    answer = call(tiktok, DELETE, {"custom_audience_ids": [theirs]}).json()
+    assert answer["code"] == 40002
     assert len(tiktok.audiences(OTHER_ADVERTISER)) == 1
     answer = call(
         tiktok, LIST, method="GET", params={"advertiser_id": ADVERTISER, "page_size": "101"}
@@ -408,34 +431,273 @@ def test_remembered_audience_is_reused_and_looked_up_again_when_gone(
     )
 
 
-def test_primary_deletes_every_audience_of_its_name_and_fills_a_fresh_one(
-    tiktok: TikTokEmulator,
-) -> None:
-    first = tiktok.add_audience(ADVERTISER, AUDIENCE_NAME)
-    second = tiktok.add_audience(ADVERTISER, AUDIENCE_NAME)  # a duplicate left behind
-    untouched = tiktok.add_audience(ADVERTISER, "another segment")
-    provider = provider_for(tiktok, chunk_size=2)
-    results = run(provider, lambda: deliver(provider, attempt(type="primary"), contacts(5), 2))
-    assert [r.invalid for r in results] == [0, 0, 0]
-    audience = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
-    assert audience.audience_id not in (first, second)
-    assert audience.members == expected_members(5)
-    assert [a.audience_id for a in tiktok.audiences(ADVERTISER)] == [
-        untouched,
-        audience.audience_id,
+# --- primary: one audience, the difference from the last success ------------------------
+
+NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
+
+
+def ledger_for(engine: Engine, name: str = AUDIENCE_NAME, destination: str = "tt") -> Ledger:
+    return Ledger(engine, "default", destination, name, lambda: NOW)
+
+
+async def replace(
+    provider: TikTokProvider,
+    engine: Engine,
+    users: list[dict[str, Any]],
+    size: int,
+    *,
+    succeed: bool = True,
+) -> list[ChunkResult]:
+    """One primary attempt, recorded as the attempt would: confirmed once it succeeded."""
+    ledger = ledger_for(engine)
+    segment = Segment("tt", "default", "s1", NAME, AUDIENCE_NAME, "primary", 1, ledger=ledger)
+    results = await deliver(provider, segment, users, size)
+    if succeed:
+        with db.write_transaction(engine) as conn:
+            assert ledger.confirm(conn, NOW)
+        ledger.collect()
+    return results
+
+
+def rows_sent(emulator: TikTokEmulator, action: str) -> list[int]:
+    """The batch_data sizes of the successful mapping requests of ``action``."""
+    return [
+        len(call.json()["batch_data"])
+        for call in emulator.answered(MAPPING)
+        if call.json()["action"] == action
     ]
-    deleted = [call.json()["audience_id"] for call in tiktok.answered(AUDIENCE)[:2]]
-    assert deleted == [first, second]
 
 
-def test_primary_with_no_usable_user_leaves_an_empty_audience(tiktok: TikTokEmulator) -> None:
-    old = tiktok.add_audience(ADVERTISER, AUDIENCE_NAME)
+def members_minus(kept: dict[str, set[str]], *removed: dict[str, set[str]]) -> dict[str, set[str]]:
+    out = {kind: set(digests) for kind, digests in kept.items()}
+    for gone in removed:
+        for kind, digests in gone.items():
+            out[kind] -= digests
+    return {kind: digests for kind, digests in out.items() if digests}
+
+
+def union(*parts: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for part in parts:
+        for kind, digests in part.items():
+            out.setdefault(kind, set()).update(digests)
+    return out
+
+
+def test_first_primary_adds_everyone_in_requests_of_at_most_1000_rows(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
+    existing = tiktok.add_audience(ADVERTISER, AUDIENCE_NAME)
+    provider = provider_for(tiktok, chunk_size=2_500)
+    results = run(provider, lambda: replace(provider, engine, contacts(2_600), 2_500))
+    assert [r.invalid for r in results] == [0, 0]
+    assert tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id == existing
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(2_600)
+    assert rows_sent(tiktok, "add") == [1_000, 1_000, 500, 100]
+    assert rows_sent(tiktok, "delete") == []
+    assert tiktok.calls_to(AUDIENCE, DELETE) == []
+
+
+def test_primary_keeps_the_audience_and_sends_only_the_difference(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
+    provider = provider_for(tiktok, chunk_size=7)
+
+    async def two() -> None:
+        await replace(provider, engine, contacts(30), 7)
+        first = tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id
+        marker = len(tiktok.calls)
+        await replace(provider, engine, contacts(30, 20), 7)
+        assert tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id == first
+        second = [c.json() for c in tiktok.calls[marker:] if c.route == MAPPING]
+        added = sum(len(body["batch_data"]) for body in second if body["action"] == "add")
+        removed = [body["batch_data"] for body in second if body["action"] == "delete"]
+        assert added == 20  # users 30..49: only they are new
+        # Users 0..19 left: their 20 emails and 20 phones, one identifier a row.
+        assert sum(len(rows) for rows in removed) == 40
+        assert all(sum(cell != {} for cell in row) == 1 for rows in removed for row in rows)
+
+    run(provider, two)
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(30, 20)
+    assert len(tiktok.audiences(ADVERTISER)) == 1
+    assert [c.json()["action"] for c in tiktok.answered(AUDIENCE)] == ["create"]
+    assert tiktok.calls_to(DELETE) == []
+
+
+def test_primary_with_no_usable_user_empties_the_audience_it_keeps(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
     provider = provider_for(tiktok)
-    results = run(provider, lambda: deliver(provider, attempt(type="primary"), [{}, {}], 5))
-    assert results == [ChunkResult(invalid=2)]
-    audience = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
-    assert audience.audience_id != old and audience.members == {}
-    assert tiktok.answered(MAPPING) == []
+
+    async def two() -> list[ChunkResult]:
+        await replace(provider, engine, contacts(3), 5)
+        return await replace(provider, engine, [{}, {}], 5)
+
+    assert run(provider, two) == [ChunkResult(invalid=2, status=200)]
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == {}
+    assert len(tiktok.audiences(ADVERTISER)) == 1
+
+
+def test_failed_primary_attempts_leave_the_next_one_exact(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
+    """A failed attempt may have added members the next segment lacks, and (when it failed
+    deleting) removed members the next segment has: the next attempt deletes the first and
+    re-adds everyone, as the ledger no longer knows the audience exactly."""
+    provider = provider_for(tiktok, chunk_size=5)
+
+    async def four() -> None:
+        await replace(provider, engine, contacts(20), 5)
+        tiktok.fail(500, on=MAPPING, after=1)  # the second add of the next attempt
+        with pytest.raises(RetryableError):
+            await replace(provider, engine, contacts(20, 10), 5, succeed=False)
+        deletes = lambda incoming: incoming.route == MAPPING and b'"delete"' in incoming.body  # noqa: E731
+        tiktok.fail(200, envelope_error(40002), on=deletes)
+        with pytest.raises(PermanentError):
+            await replace(provider, engine, contacts(20, 10), 5, succeed=False)
+        await replace(provider, engine, [*contacts(10, 5), *contacts(5, 60)], 5)
+
+    run(provider, four)
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == union(
+        expected_members(10, 5), expected_members(5, 60)
+    )
+    assert len(tiktok.audiences(ADVERTISER)) == 1
+
+
+def test_an_audience_deleted_in_ads_manager_is_recreated_and_filled_whole(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
+    provider = provider_for(tiktok)
+
+    async def two() -> None:
+        await replace(provider, engine, contacts(4), 10)
+        tiktok.delete_audience(ADVERTISER, tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id)
+        await replace(provider, engine, contacts(4, 2), 10)
+
+    run(provider, two)
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == expected_members(4, 2)
+
+
+def test_a_later_attempt_of_the_segment_supersedes_the_running_one(
+    engine: Engine, tiktok: TikTokEmulator
+) -> None:
+    provider = provider_for(tiktok)
+    older, newer = ledger_for(engine), ledger_for(engine)
+
+    async def race() -> None:
+        segment = Segment("tt", "default", "s1", NAME, AUDIENCE_NAME, "primary", 1, ledger=older)
+        await provider.send(segment, Chunk(1, False, contacts(2)))
+        await newer.begin(segment.state["audience_id"])
+        with pytest.raises(RetryableError, match="a later delivery of"):
+            await provider.send(segment, Chunk(2, True, contacts(2, 2)))
+
+    run(provider, race)
+    with db.write_transaction(engine) as conn:
+        assert not older.confirm(conn, NOW)
+
+
+def test_primary_without_a_ledger_is_refused(tiktok: TikTokEmulator) -> None:
+    provider = provider_for(tiktok)
+    with pytest.raises(PermanentError, match="needs the member ledger"):
+        run(provider, lambda: deliver(provider, attempt(type="primary"), contacts(1), 5))
+    assert tiktok.calls == []
+
+
+# --- the member ledger --------------------------------------------------------------------
+
+E, P = 0, 1
+
+
+def digest(n: int) -> bytes:
+    return hashlib.sha256(str(n).encode()).digest()
+
+
+def ledger_rows(engine: Engine) -> list[tuple[str, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(member_ledgers.c.destination, func.count(ledger_members.c.digest))
+            .select_from(member_ledgers)
+            .join(
+                ledger_members,
+                (ledger_members.c.tenant == member_ledgers.c.tenant)
+                & (ledger_members.c.ledger == member_ledgers.c.ledger),
+                isouter=True,
+            )
+            .group_by(member_ledgers.c.destination)
+            .order_by(member_ledgers.c.destination)
+        ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
+def test_ledger_stages_per_attempt_and_swaps_on_success(engine: Engine) -> None:
+    async def steps() -> None:
+        first = ledger_for(engine)
+        await first.begin("A")
+        assert await first.add([(E, digest(1)), (P, digest(1)), (E, digest(2))]) == sorted(
+            [(E, digest(1)), (P, digest(1)), (E, digest(2))]
+        )
+        assert await first.leavers(None, 10) == []
+        with db.write_transaction(engine) as conn:
+            assert first.confirm(conn, NOW)
+
+        failed = ledger_for(engine)
+        await failed.begin("A")  # trusted: skips who is surely there
+        assert await failed.add([(E, digest(1)), (E, digest(3))]) == [(E, digest(3))]
+        assert await failed.leavers(None, 10) == sorted([(P, digest(1)), (E, digest(2))])
+        # ... and fails: never confirmed. The confirmed set is intact; the next attempt
+        # trusts nothing and deletes what the failed one may have added too.
+        third = ledger_for(engine)
+        await third.begin("A")
+        assert await third.add([(E, digest(1))]) == [(E, digest(1))]
+        page = await third.leavers(None, 2)
+        assert page == sorted([(E, digest(2)), (E, digest(3))])
+        assert await third.leavers(page[-1], 2) == [(P, digest(1))]
+        assert await third.leavers((P, digest(1)), 2) == []
+        with db.write_transaction(engine) as conn:
+            assert third.confirm(conn, NOW)
+        assert third.collect() == 5  # the first and the failed attempt's rows
+
+        moved = ledger_for(engine)
+        await moved.begin("B")  # another audience than the ledger knew: adds everyone
+        assert await moved.add([(E, digest(1))]) == [(E, digest(1))]
+
+    asyncio.run(steps())
+    assert ledger_rows(engine) == [("tt", 2)]
+
+
+def test_ledger_purge_rule(engine: Engine) -> None:
+    """Purged: the ledgers of destinations no longer configured, and of segments with no
+    attempt for 180 days; in pages, each ledger removed once its rows are."""
+
+    async def fill(destination: str, name: str, count: int, at: dt.datetime) -> None:
+        ledger = Ledger(engine, "default", destination, name, lambda: at)
+        await ledger.begin("A")
+        await ledger.add([(E, digest(n)) for n in range(count)])
+        with db.write_transaction(engine) as conn:
+            assert ledger.confirm(conn, at)
+
+    old = NOW - members.STALE_AFTER - dt.timedelta(days=1)
+    recent = NOW - members.STALE_AFTER + dt.timedelta(days=1)
+    asyncio.run(fill("gone", "s", 5, NOW))
+    asyncio.run(fill("tt", "stale", 3, old))
+    asyncio.run(fill("tt", "fresh", 4, recent))
+    asyncio.run(fill("tt", "now", 2, NOW))
+    removed = []
+    while True:
+        with db.write_transaction(engine) as conn:
+            done = members.purge(conn, ["tt", "meta"], NOW, limit=3)
+        removed.append(done)
+        if done == 0:
+            break
+    assert sum(removed) == 8 and max(removed) <= 3
+    with engine.connect() as conn:
+        left = conn.execute(
+            select(member_ledgers.c.destination, member_ledgers.c.segment_name).order_by(
+                member_ledgers.c.segment_name
+            )
+        ).all()
+    assert [tuple(row) for row in left] == [("tt", "fresh"), ("tt", "now")]
+    assert sorted(ledger_rows(engine)) == [("tt", 6)]
 
 
 REQUEST_ID = r" \(request_id \d+\)"
@@ -576,7 +838,7 @@ def test_mixed_session_of_25000_users_is_delivered_exactly(
     assert len(tiktok.answered(AUDIENCE)) == 1  # created once
 
 
-def test_custom_adds_and_primary_replaces(
+def test_custom_adds_and_primary_keeps_the_audience(
     fast: Settings, engine: Engine, tiktok: TikTokEmulator
 ) -> None:
     with serve(fast, engine, destinations(("tt", "tiktok", options(tiktok)))) as client:
@@ -589,15 +851,18 @@ def test_custom_adds_and_primary_replaces(
         response = upload(client, "whole", contacts(8, 5), 3, "?sync=true", type="primary")
         assert response.status_code == 200, response.text
         assert status(client, "whole")["deliveries"][0]["state"] == "succeeded"
-        replaced = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
-        assert replaced.audience_id != first
-        assert replaced.members == expected_members(8, 5)
+        kept = tiktok.audience(ADVERTISER, AUDIENCE_NAME)
+        assert kept.audience_id == first
+        # Members added by custom deliveries are not in the ledger: a primary keeps them.
+        assert kept.members == expected_members(40)
+        response = upload(client, "less", contacts(3, 8), 3, "?sync=true", type="primary")
+        assert response.status_code == 200, response.text
+        assert tiktok.audience(ADVERTISER, AUDIENCE_NAME).audience_id == first
 
         assert upload(client, "after", contacts(2, 100), 2, "?sync=true").status_code == 200
-    replaced_then_added = expected_members(8, 5)
-    for kind, digests in expected_members(2, 100).items():
-        replaced_then_added[kind] |= digests
-    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == replaced_then_added
+    left = union(expected_members(5), expected_members(3, 8), expected_members(27, 13))
+    assert tiktok.members(ADVERTISER, AUDIENCE_NAME) == union(left, expected_members(2, 100))
+    assert tiktok.calls_to(DELETE) == []
     assert len(tiktok.audiences(ADVERTISER)) == 1
 
 

@@ -22,6 +22,28 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
+Member = tuple[int, bytes]  # an identifier's kind (its place in the platform's schema), digest
+
+
+class MemberLedger(Protocol):
+    """What a ``primary`` delivery put at the destination last time (``members.Ledger``):
+    a provider that replaces by difference stages each chunk's members and reads, at the
+    end, those who left. What it stages becomes the ledger's only once the attempt succeeds.
+    """
+
+    async def begin(self, target: str) -> object:
+        """Start this attempt for the platform's list ``target`` (the audience id)."""
+        ...
+
+    async def add(self, members: Sequence[Member]) -> list[Member]:
+        """Stage a chunk's members; returns those the destination may not hold yet."""
+        ...
+
+    async def leavers(self, after: Member | None, limit: int) -> list[Member]:
+        """A page of members the destination may hold that this attempt did not stage."""
+        ...
+
+
 @dataclass
 class Segment:
     """One delivery attempt of a session to a destination; ``state`` is the provider's
@@ -35,6 +57,7 @@ class Segment:
     type: str  # custom | primary
     total_users: int  # users this attempt will send (duplicates removed)
     state: dict[str, Any] = field(default_factory=dict)
+    ledger: MemberLedger | None = None  # the attempt's member ledger, for replace by difference
 
 
 class Chunk:

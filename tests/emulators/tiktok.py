@@ -7,19 +7,25 @@
         assert tiktok.members("7000000000000000001", "blotout_x") == {"EMAIL_SHA256": {...}}
 
 Served (under ``/open_api/v1.3/``): ``GET dmp/custom_audience/list/``, ``POST
-segment/audience/`` (``action`` create or delete), ``POST segment/mapping/`` (``action`` add
-or delete). Like TikTok, every answer is HTTP 200 with ``{"code", "message", "request_id",
-"data"}``: 40104/40105 for a missing or wrong ``Access-Token``, 40001 for an advertiser the
+segment/audience/`` (``action`` create only), ``POST segment/mapping/`` (``action`` add or
+delete, applied to the members it names), ``POST dmp/custom_audience/delete/`` (TikTok's
+documented delete). Audience ids never change; members are kept per audience by id type.
+Like TikTok, every answer is HTTP 200 with ``{"code", "message", "request_id", "data"}``:
+40104/40105 for a missing or wrong ``Access-Token``, 40001 for an advertiser the
 token may not operate, 40002 ("Parameter error: …") for anything malformed. Only an unknown
 path (404), a wrong method (405) or a scripted raw status answer otherwise. A request is
 checked whole before anything changes; scripted answers (``fail()``: an envelope from
 ``envelope_error()`` at status 200, or a raw status) replace the reply of a request that
 passed every check, so it changes nothing. Each request's route is its endpoint (``LIST``,
-``AUDIENCE``, ``MAPPING``).
+``AUDIENCE``, ``MAPPING``, ``DELETE``).
 
 The batch limit (``max_batch`` rows of batch_data, default 1,000) and the 128-character name
-limit are this emulator's assumptions: TikTok documents no row limit for segment/mapping,
-and 128 is the limit of its customer-file audiences.
+limit are this emulator's assumptions: TikTok documents no row limit for segment/mapping
+(1,000 is what the integrations send, Tealium's batches: ../shared/reference/providers.md
+section 2a), and 128 is the limit of its customer-file audiences
+(tiktok/tiktok-business-api-sdk yml_files/dmp_custom_audience_create.yml). ``segment/audience/``
+with ``action: "delete"`` is refused (40002): no TikTok source documents it (integrators'
+notes only); the documented delete is ``dmp/custom_audience/delete/``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ PREFIX = "/open_api/v1.3/"
 LIST = "dmp/custom_audience/list/"
 AUDIENCE = "segment/audience/"
 MAPPING = "segment/mapping/"
-_METHODS = {LIST: "GET", AUDIENCE: "POST", MAPPING: "POST"}
+DELETE = "dmp/custom_audience/delete/"
+_METHODS = {LIST: "GET", AUDIENCE: "POST", MAPPING: "POST", DELETE: "POST"}
+# tiktok/tiktok-business-api-sdk@44ca338bba877bdbde906d6b0e10a5f46203f814
+# yml_files/dmp_custom_audience_delete.yml: custom_audience_ids "Length range is [1, 100]"
+MAX_DELETE_IDS = 100
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MD5 = re.compile(r"[0-9a-f]{32}")
@@ -189,7 +199,11 @@ class TikTokEmulator(Emulator):
                     apply = self._list(advertisers, query)
                 else:
                     body = _JSON_BODY.parse(incoming, raw)
-                    check = self._audience if endpoint == AUDIENCE else self._mapping
+                    check = {
+                        AUDIENCE: self._audience,
+                        MAPPING: self._mapping,
+                        DELETE: self._delete,
+                    }[endpoint]
                     apply = check(advertisers, body)
                 turn = self._take(incoming)
                 turn.wait()
@@ -254,13 +268,29 @@ class TikTokEmulator(Emulator):
             if len(name) > MAX_NAME:
                 raise _param(f"custom_audience_name is longer than {MAX_NAME} characters")
             return lambda: {"audience_id": self._create(advertiser, name).audience_id}
-        if action == "delete":
-            audience_id = body.get("audience_id")
-            owned = {a.audience_id for a in self._audiences[advertiser]}
+        # ``action: "delete"`` here is in integrators' notes only, in no TikTok source; the
+        # documented delete is dmp/custom_audience/delete/ (``_delete``).
+        raise _param("action must be create")
+
+    def _delete(self, advertisers: frozenset[str], body: dict[str, Any]) -> Any:
+        """dmp/custom_audience/delete/ as tiktok/tiktok-business-api-sdk@44ca338b
+        yml_files/dmp_custom_audience_delete.yml has it: ``advertiser_id`` (string) and
+        ``custom_audience_ids`` (strings, 1 to 100), both required; ``data`` is ``{}``.
+        Refusing an id the advertiser does not own is this emulator's assumption."""
+        advertiser = self._advertiser(advertisers, body.get("advertiser_id"), "advertiser_id")
+        ids = body.get("custom_audience_ids")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_DELETE_IDS:
+            raise _param(f"custom_audience_ids must be a list of 1 to {MAX_DELETE_IDS} ids")
+        owned = {a.audience_id for a in self._audiences[advertiser]}
+        for audience_id in ids:
             if not isinstance(audience_id, str) or audience_id not in owned:
                 raise _param("invalid audience ID")
-            return lambda: self.delete_audience(advertiser, audience_id)
-        raise _param("action must be one of create, delete")
+
+        def apply() -> None:
+            for audience_id in ids:
+                self.delete_audience(advertiser, audience_id)
+
+        return apply
 
     def _mapping(self, advertisers: frozenset[str], body: dict[str, Any]) -> Any:
         ids = body.get("advertiser_ids")
@@ -297,6 +327,9 @@ class TikTokEmulator(Emulator):
             for kind, cell in zip(schema, row, strict=True):
                 changes.extend(self._cell(cell, kind, owned, where))
 
+        # Applied as TikTok documents the two actions: "add" maps each id to the audiences
+        # named, "delete" unmaps it; unmapping an id that is not a member changes nothing
+        # (TikTok documents no error for it). ../shared/reference/providers.md section 2a.
         def apply() -> None:
             for audience, kind, value in changes:
                 members = audience.members.setdefault(kind, set())
