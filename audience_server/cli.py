@@ -11,9 +11,13 @@ import gc
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .destinations import DestinationsError
 from .settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def tune_gc() -> None:
@@ -60,6 +64,7 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .limits import uvicorn_options
     from .logs import configure
 
     settings = dataclasses.replace(
@@ -69,9 +74,13 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
         run_worker=settings.run_worker and not args.no_worker,
     )
     configure(settings.log_level)
+    # The worker in a child process: requests and deliveries each get a core.
+    engine = _engine(settings)
+    app = create_app(settings, engine=engine, worker_process=True)
     config = uvicorn.Config(
-        # The worker in a child process: requests and deliveries each get a core.
-        create_app(settings, worker_process=True),
+        # Headers and bodies read within AUDIENCE_READ_TIMEOUT, a connection cap below the
+        # descriptor limit, bodies in flight within AUDIENCE_MAX_INFLIGHT_BYTES.
+        **uvicorn_options(settings, app),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -80,22 +89,34 @@ def _run_server(args: argparse.Namespace, settings: Settings) -> int:
     )
     server = uvicorn.Server(config)
     tune_gc()
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.dispose()
     return 0 if server.started else 1
+
+
+def _engine(settings: Settings) -> Engine:
+    """The database engine of a server process, its writers' wait bounded by
+    ``AUDIENCE_DB_LOCK_TIMEOUT``."""
+    from . import db
+
+    return db.make_engine(
+        settings.database_url, lock_timeout=settings.db_lock_timeout.total_seconds()
+    )
 
 
 def _worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     # Deferred on purpose, as in _serve.
-    from . import db
     from .logs import configure
     from .runtime import load_destinations, make_worker, prepare_database, run_worker
     from .supervisor import attach_to_supervisor
 
     configure(settings.log_level)
     destinations = load_destinations(settings)
-    engine = db.make_engine(settings.database_url)
+    engine = _engine(settings)
     try:
         prepare_database(settings, engine)
         worker = make_worker(settings, engine, destinations, worker_id=args.worker_id)

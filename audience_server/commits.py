@@ -11,6 +11,12 @@ others commit. A database error fails the whole group, as it would have failed e
 alone. Then the lead passes to the oldest batch queued meanwhile, so nobody waits for
 more than the group ahead of its own. A batch is answered only after the commit that
 holds it: a 200 still means committed.
+
+On SQLite every batch has a deadline, the engine's lock timeout from when it was queued:
+a batch still queued at its deadline leaves the queue with ``db.LockTimeout``, a lead drops
+the batches already past theirs, and a group's wait for the write lock ends at the
+earliest deadline among its batches. So no batch waits longer than the lock timeout in
+all, however many groups are ahead of it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -58,10 +65,11 @@ class _Waiter:
     """A queued batch and its answer; ``ready`` is set when it is answered, or when it is
     handed the lead (``lead``)."""
 
-    __slots__ = ("batch", "error", "lead", "outcome", "ready")
+    __slots__ = ("batch", "deadline", "error", "lead", "outcome", "ready")
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, deadline: float | None) -> None:
         self.batch = batch
+        self.deadline = deadline  # time.monotonic(); None: no bound (PostgreSQL)
         self.ready = threading.Event()
         self.lead = False
         self.outcome: Outcome | None = None
@@ -97,13 +105,22 @@ class GroupCommitter:
     def commit(self, batch: Batch) -> Outcome:
         """Store ``batch`` and return once its group has committed; raises the batch's
         refusal (``AudienceError``) or the group's database error."""
-        waiter = _Waiter(batch)
+        engine = self._engine()
+        timeout = None if engine is None else db.lock_timeout(engine)
+        waiter = _Waiter(batch, None if timeout is None else time.monotonic() + timeout)
         with self._lock:
             self._queue.append(waiter)
             waiter.lead = not self._leading
             self._leading = True
-        if not waiter.lead:
-            waiter.ready.wait()
+        if not waiter.lead and not waiter.ready.wait(_left(waiter.deadline)):
+            with self._lock:
+                given_up = not waiter.lead and waiter in self._queue
+                if given_up:  # still queued: no group holds it, none will
+                    self._queue.remove(waiter)
+            if given_up:
+                assert timeout is not None
+                raise db.LockTimeout(timeout)
+            waiter.ready.wait()  # taken into a group, which ends by this batch's deadline
         if waiter.lead:
             self._lead()
         if waiter.error is not None:
@@ -114,7 +131,9 @@ class GroupCommitter:
     def _lead(self) -> None:
         group = self._take()
         try:
-            self._run(group)
+            live = _past_deadline(group, self._engine())
+            if live:
+                self._run(live)
         finally:
             for waiter in group:
                 waiter.ready.set()
@@ -161,10 +180,32 @@ class GroupCommitter:
                 waiter.outcome, waiter.error = None, exc
 
 
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _past_deadline(group: list[_Waiter], engine: Engine | None) -> list[_Waiter]:
+    """Answers the batches of ``group`` already past their deadline with ``LockTimeout``
+    (they waited their whole lock timeout in the queue); returns the others."""
+    now = time.monotonic()
+    live = []
+    for waiter in group:
+        if waiter.deadline is not None and waiter.deadline <= now and engine is not None:
+            waiter.error = db.LockTimeout(db.lock_timeout(engine) or 0.0)
+        else:
+            live.append(waiter)
+    return live
+
+
+def _group_deadline(ordered: list[_Waiter]) -> float | None:
+    deadlines = [waiter.deadline for waiter in ordered if waiter.deadline is not None]
+    return min(deadlines, default=None)
+
+
 def _commit_together(engine: Engine, ordered: list[_Waiter]) -> None:
     """The usual case, no refusal: the batches one after another, one commit. (A
     savepoint per batch would cost as much again as the rest of its statements.)"""
-    with db.write_transaction(engine) as conn:
+    with db.write_transaction(engine, deadline=_group_deadline(ordered)) as conn:
         for waiter in ordered:
             waiter.outcome = _apply(conn, waiter.batch)
 
@@ -172,7 +213,7 @@ def _commit_together(engine: Engine, ordered: list[_Waiter]) -> None:
 def _commit_isolated(engine: Engine, ordered: list[_Waiter]) -> None:
     """After a refusal: the group again from the start, each batch in its own savepoint,
     so a refused batch takes back only its own writes and its neighbours commit."""
-    with db.write_transaction(engine) as conn:
+    with db.write_transaction(engine, deadline=_group_deadline(ordered)) as conn:
         for waiter in ordered:
             waiter.outcome = waiter.error = None
             try:

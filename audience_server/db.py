@@ -3,14 +3,18 @@
 Transactions belong to the caller at the edge (a request, a worker step): data functions
 take a connection and never commit. Writers on SQLite take the write lock up front
 (``BEGIN IMMEDIATE``) so that two writers never deadlock upgrading a read lock, and queue
-for it first on a thread lock and a lock file, so that they wait without polling.
+for it first on a thread lock and a lock file, so that they wait without polling. Every
+stage of that wait shares one deadline, the engine's lock timeout (``AUDIENCE_DB_LOCK_TIMEOUT``):
+a writer that cannot have the lock by then gets :class:`LockTimeout`, never a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -29,6 +34,20 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # import costs a quarter of a second of every process start; tests/test_migrations.py
 # fails if it is not the head of migrations/. Alembic itself is imported to migrate.
 SCHEMA_HEAD = "0004"
+DEFAULT_LOCK_TIMEOUT = 10.0  # seconds; the default of AUDIENCE_DB_LOCK_TIMEOUT
+
+
+class LockTimeout(OperationalError):
+    """The SQLite writer lock stayed taken past the lock timeout. An ``OperationalError``
+    like SQLite's own "database is locked", so it is answered alike: 503 with
+    ``Retry-After`` at the HTTP edge, a later retry in the worker."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            "waiting for the SQLite writer lock",
+            None,
+            TimeoutError(f"not free within {seconds:g}s"),
+        )
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,7 @@ class _WriterQueue:
 
     threads: threading.Lock
     lock_file: Path | None  # None for an in-memory database
+    timeout: float  # seconds a writer may wait for its turn, all stages together
 
 
 _sqlite_writers: weakref.WeakKeyDictionary[Engine, _WriterQueue] = weakref.WeakKeyDictionary()
@@ -61,24 +81,44 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # FULL: a commit is on disk before the 200, even across a power cut.
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    mode = "IMMEDIATE" if conn.get_execution_options().get("audience_write") else "DEFERRED"
+    options = conn.get_execution_options()
+    # SQLite's busy handler waits for the lock at BEGIN IMMEDIATE: a writer gets only
+    # what is left of its deadline, a reader the whole timeout back.
+    busy_ms = options.get("audience_busy_ms", options.get("audience_full_busy_ms"))
+    if busy_ms is not None and conn.info.get("busy_ms") != busy_ms:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+        conn.info["busy_ms"] = busy_ms
+    mode = "IMMEDIATE" if options.get("audience_write") else "DEFERRED"
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Engine:
+    """An engine for ``url``. On SQLite, ``lock_timeout`` (seconds) bounds a writer's whole
+    wait for the write lock: this process's queue, the lock file, SQLite's busy handler."""
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": lock_timeout, "check_same_thread": False},
+            execution_options={"audience_full_busy_ms": max(1, round(lock_timeout * 1000))},
+        )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
-        _sqlite_writers[engine] = _WriterQueue(threading.Lock(), writer_lock_file(url))
+        _sqlite_writers[engine] = _WriterQueue(
+            threading.Lock(), writer_lock_file(url), lock_timeout
+        )
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def lock_timeout(engine: Engine) -> float | None:
+    """Seconds a writer of ``engine`` waits at most for the write lock; None on PostgreSQL."""
+    queue = _sqlite_writers.get(engine)
+    return None if queue is None else queue.timeout
 
 
 def writer_lock_file(url: str) -> Path | None:
@@ -95,9 +135,53 @@ def writer_lock_file(url: str) -> Path | None:
     return Path(os.path.abspath(database + "-writer.lock"))  # fixed now, whatever cwd becomes
 
 
+class _FileLock:
+    """An exclusive ``flock`` on a lock file, waited for until a deadline. ``flock`` cannot
+    time out by itself: a contended wait runs in a helper thread, asleep in the kernel; a
+    wait given up on leaves the descriptor to that thread, which closes it (releasing the
+    lock at once) when it is granted."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._granted = threading.Event()
+        self._abandoned = False
+
+    def acquire(self, deadline: float) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        threading.Thread(target=self._wait, name="audience-flock", daemon=True).start()
+        if self._granted.wait(max(0.0, deadline - time.monotonic())):
+            return True
+        with self._lock:
+            if self._granted.is_set():  # granted just as the wait ended
+                return True
+            self._abandoned = True
+            return False
+
+    def _wait(self) -> None:
+        with contextlib.suppress(OSError):  # closed by a forked child's handler
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        with self._lock:
+            if self._abandoned:
+                _close_lock_file(self.fd)
+            else:
+                self._granted.set()
+
+
+def _close_lock_file(fd: int) -> None:
+    if fd in _held_lock_files:  # else closed already (a forked child's handler)
+        _held_lock_files.discard(fd)
+        os.close(fd)  # releases the lock
+
+
 @contextmanager
-def _locked_file(path: Path | None) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``, waiting (asleep in the kernel) for it."""
+def _locked_file(path: Path | None, deadline: float, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, waiting (asleep in the kernel) until
+    ``deadline`` at most; past it, :class:`LockTimeout`."""
     try:
         fd = None if path is None else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:  # e.g. a read-only folder: SQLite's own lock still serialises writers
@@ -105,30 +189,49 @@ def _locked_file(path: Path | None) -> Iterator[None]:
     if fd is None:
         yield
         return
+    _held_lock_files.add(fd)
     try:
-        _held_lock_files.add(fd)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        acquired = _FileLock(fd).acquire(deadline)
+    except BaseException:
+        _close_lock_file(fd)
+        raise
+    if not acquired:  # the helper thread closes the descriptor when its flock returns
+        raise LockTimeout(timeout)
+    try:
         yield
     finally:
-        _held_lock_files.discard(fd)
-        os.close(fd)  # releases the lock
+        _close_lock_file(fd)
 
 
 @contextmanager
-def _writer_turn(engine: Engine) -> Iterator[None]:
+def _writer_turn(engine: Engine, deadline: float | None) -> Iterator[float | None]:
+    """This writer's turn at the write lock; yields its deadline (None on PostgreSQL)."""
     queue = _sqlite_writers.get(engine)
     if queue is None:  # PostgreSQL: row locks, no single writer
-        yield
+        yield None
         return
-    with queue.threads, _locked_file(queue.lock_file):
-        yield
+    if deadline is None:
+        deadline = time.monotonic() + queue.timeout
+    if not queue.threads.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise LockTimeout(queue.timeout)
+    try:
+        with _locked_file(queue.lock_file, deadline, queue.timeout):
+            yield deadline
+    finally:
+        queue.threads.release()
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One short read-write transaction, committed on success, rolled back on error."""
-    with _writer_turn(engine), engine.connect() as conn:
+def write_transaction(engine: Engine, *, deadline: float | None = None) -> Iterator[Connection]:
+    """One short read-write transaction, committed on success, rolled back on error. On
+    SQLite its wait for the write lock ends by ``deadline`` (``time.monotonic()``; default:
+    the engine's lock timeout from now) with :class:`LockTimeout` or SQLite's "database is
+    locked", both ``OperationalError``."""
+    with _writer_turn(engine, deadline) as turn_deadline, engine.connect() as conn:
         conn.execution_options(audience_write=True)
+        if turn_deadline is not None:
+            left = max(1, round((turn_deadline - time.monotonic()) * 1000))  # 0 would never wait
+            conn.execution_options(audience_busy_ms=left)
         with conn.begin():
             yield conn
 

@@ -199,6 +199,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "AUDIENCE_WORKER_POLL": ("poll_interval", _duration),
     "AUDIENCE_SCRATCH_DIR": ("scratch_dir", _path),
     "AUDIENCE_METRICS_PUBLIC": ("metrics_public", _boolean),
+    "AUDIENCE_READ_TIMEOUT": ("read_timeout", _duration),
+    "AUDIENCE_MAX_CONNECTIONS": ("max_connections", _positive_int),
+    "AUDIENCE_MAX_INFLIGHT_BYTES": ("max_inflight_bytes", _positive_int),
+    "AUDIENCE_DB_LOCK_TIMEOUT": ("db_lock_timeout", _duration),
 }
 
 
@@ -231,6 +235,10 @@ class Settings:
     run_worker: bool = True  # serve runs the delivery worker in-process
     scratch_dir: Path | None = None  # workers' temporary files; None: <temp dir>/audience-server
     metrics_public: bool = False  # /metrics answers without an API key
+    read_timeout: timedelta = timedelta(seconds=30)  # headers, or a body making no progress
+    max_connections: int | None = None  # None: derived from the descriptor limit (limits.py)
+    max_inflight_bytes: int = 256 * 1024 * 1024  # memory request bodies in flight may take
+    db_lock_timeout: timedelta = timedelta(seconds=10)  # longest wait for the SQLite writer lock
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

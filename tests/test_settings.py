@@ -8,7 +8,7 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -148,6 +148,10 @@ VARIABLES: dict[str, Variable] = {
     "AUDIENCE_METRICS_PUBLIC": Variable(
         "metrics_public", False, (("true", True), ("no", False)), ("public",)
     ),
+    "AUDIENCE_READ_TIMEOUT": duration("read_timeout", timedelta(seconds=30)),
+    "AUDIENCE_MAX_CONNECTIONS": replace(count("max_connections", 0), default=None),
+    "AUDIENCE_MAX_INFLIGHT_BYTES": count("max_inflight_bytes", 256 * 1024 * 1024),
+    "AUDIENCE_DB_LOCK_TIMEOUT": duration("db_lock_timeout", timedelta(seconds=10)),
 }
 # A retry base longer than the default cap (5m) is refused (see below): its good values are
 # read beside a cap long enough.
